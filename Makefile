@@ -1,0 +1,32 @@
+# Set-up and everyday commands. `make run` and `make test` do all the set-up on a fresh machine.
+# torch is pinned to the 2.13.0 CPU wheel: an unpinned torch would pull a multi-GB CUDA build.
+# On a GPU machine, install a CUDA build of torch first (TORCH_SPEC="torch==2.13.0 --index-url ...").
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed
+
+.PHONY: run test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,bench]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/ngd-dist quickstart
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check ngd_dist tests benchmarks
+	$(VENV)/bin/mypy ngd_dist
+
+test: lint
+	$(VENV)/bin/pytest
+
+bench: $(STAMP)
+	$(PY) benchmarks/core_bench.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info

@@ -1,0 +1,204 @@
+"""Configuration of the K-FAC preconditioner, validated when it is built.
+
+Every field is checked in ``__post_init__``; a bad value raises ``ValueError`` whose message names
+the field, the value given and what is allowed, so a typo in a job file never surfaces as a
+traceback from deep inside the maths.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+Curvature = Literal["ef", "mc", "ief"]
+Method = Literal["eigen", "inverse"]
+LossReduction = Literal["mean", "sum"]
+
+CURVATURES: tuple[str, ...] = ("ef", "mc", "ief")
+METHODS: tuple[str, ...] = ("eigen", "inverse")
+LAYER_TYPES: tuple[str, ...] = ("Linear", "Conv2d", "Embedding")
+
+_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float64": torch.float64,
+    "fp64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+
+
+def _fail(name: str, value: object, allowed: str) -> ValueError:
+    return ValueError(f"KFACConfig.{name}: got {value!r}; expected {allowed}")
+
+
+def parse_dtype(name: str, value: object, allowed: tuple[torch.dtype, ...]) -> torch.dtype:
+    """Turn ``value`` (a ``torch.dtype`` or a name such as ``"bf16"``) into one of ``allowed``."""
+    names = ", ".join(str(d).removeprefix("torch.") for d in allowed)
+    if isinstance(value, str):
+        dtype = _DTYPES.get(value.lower())
+    elif isinstance(value, torch.dtype):
+        dtype = value
+    else:
+        dtype = None
+    if dtype is None or dtype not in allowed:
+        raise _fail(name, value, f"one of {names}")
+    return dtype
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _fail(name, value, f"an integer >= {minimum}")
+    return value
+
+
+def _check_float(name: str, value: object, low: float, high: float, *, open_low: bool) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if ok:
+        v = float(value)  # type: ignore[arg-type]
+        ok = (v > low if open_low else v >= low) and v <= high
+    if not ok:
+        bracket = "(" if open_low else "["
+        raise _fail(name, value, f"a finite number in {bracket}{low}, {high}]")
+    return float(value)  # type: ignore[arg-type]
+
+
+@dataclass(kw_only=True)
+class KFACConfig:
+    """What the preconditioner estimates, how often, and how it damps and inverts it."""
+
+    curvature: Curvature = "ief"
+    """Curvature estimate for the G factors: ``"ef"`` empirical Fisher (gradients of the training
+    loss), ``"mc"`` sampled Fisher (one label per sample drawn from softmax of the marked logits,
+    one extra backward), ``"ief"`` improved empirical Fisher (each sample's contribution weighted by
+    1/||dl_n/dz_n||^2, Wu et al. 2024, Eq. 43). ``"mc"`` and ``"ief"`` need the logits marked."""
+
+    damping: float | Callable[[int], float] = 1e-3
+    """Tikhonov damping lambda, or a function of the step index returning it."""
+
+    factor_decay: float = 0.95
+    """Running-average weight: ``X <- decay * X + (1 - decay) * X_new``; 0 keeps only the newest."""
+
+    factor_every: int = 1
+    """Capture statistics and refresh the factors every this many steps."""
+
+    inverse_every: int = 1
+    """Recompute eigendecompositions / inverses every this many steps (a multiple of factor_every)."""
+
+    kl_clip: float | None = 1e-3
+    """Scale all preconditioned gradients by min(1, sqrt(kl_clip / sum lr^2 <P, g>)); None disables
+    it. Needs the optimizer passed to the preconditioner, to read each parameter's learning rate."""
+
+    method: Method = "eigen"
+    """``"eigen"``: eigenbasis form (G + .) x (A + .) damped as a whole, lambda applied at every
+    step; ``"inverse"``: damped inverses of each factor with the pi-split (Martens & Grosse)."""
+
+    factor_dtype: torch.dtype | str = torch.float32
+    """dtype the per-batch factor products are computed in (accumulated in float32 regardless)."""
+
+    inverse_dtype: torch.dtype | str = torch.float32
+    """dtype of decompositions (float32 retried in float64 on failure, or float64)."""
+
+    layer_types: tuple[str, ...] = LAYER_TYPES
+    """Module types to precondition: any of ``"Linear"``, ``"Conv2d"``, ``"Embedding"``."""
+
+    include: tuple[str, ...] = ()
+    """Regular expressions; when given, only modules whose qualified name matches one are used."""
+
+    skip: tuple[str, ...] = ()
+    """Regular expressions; modules whose qualified name matches one are left to the optimizer."""
+
+    output_module: str | None = None
+    """Qualified name of the module whose output are the logits (marked automatically on every
+    forward); or call ``KFACPreconditioner.mark_output(logits)`` after each forward."""
+
+    ief_floor: float = 1e-12
+    """Floor on s_n = ||dl_n/dz_n||^2 (per-sample units, see docs): iEF weights are 1/max(s_n,
+    floor), so a sample with a vanishing logit gradient cannot blow a G factor up."""
+
+    loss_reduction: LossReduction = "mean"
+    """How the loss combines samples: ``"mean"`` (the usual) or ``"sum"``; used to express captured
+    output gradients per sample, so that EF / iEF factors do not depend on the batch size."""
+
+    seed: int = 0
+    """Seed of the generator that draws the sampled-Fisher (``"mc"``) labels."""
+
+    def __post_init__(self) -> None:
+        """Check every field; normalise dtypes and tuples."""
+        if self.curvature not in CURVATURES:
+            raise _fail("curvature", self.curvature, f"one of {', '.join(CURVATURES)}")
+        if not callable(self.damping):
+            self.damping = _check_float("damping", self.damping, 0.0, math.inf, open_low=True)
+        self.factor_decay = _check_float("factor_decay", self.factor_decay, 0.0, 1.0, open_low=False)
+        if self.factor_decay >= 1.0:
+            raise _fail("factor_decay", self.factor_decay, "a number in [0, 1)")
+        self.factor_every = _check_int("factor_every", self.factor_every, 1)
+        self.inverse_every = _check_int("inverse_every", self.inverse_every, 1)
+        if self.inverse_every % self.factor_every:
+            raise _fail(
+                "inverse_every",
+                self.inverse_every,
+                f"a multiple of factor_every={self.factor_every} (a decomposition between two "
+                "factor refreshes would repeat the previous one)",
+            )
+        if self.kl_clip is not None:
+            self.kl_clip = _check_float("kl_clip", self.kl_clip, 0.0, math.inf, open_low=True)
+        if self.method not in METHODS:
+            raise _fail("method", self.method, f"one of {', '.join(METHODS)}")
+        self.factor_dtype = parse_dtype(
+            "factor_dtype",
+            self.factor_dtype,
+            (torch.float32, torch.float64, torch.bfloat16, torch.float16),
+        )
+        self.inverse_dtype = parse_dtype("inverse_dtype", self.inverse_dtype, (torch.float32, torch.float64))
+        self.layer_types = self._names("layer_types", self.layer_types)
+        for t in self.layer_types:
+            if t not in LAYER_TYPES:
+                raise _fail("layer_types", t, f"names from {', '.join(LAYER_TYPES)}")
+        self.include = self._patterns("include", self.include)
+        self.skip = self._patterns("skip", self.skip)
+        if self.output_module is not None and (
+            not isinstance(self.output_module, str) or not self.output_module
+        ):
+            raise _fail("output_module", self.output_module, "a module name or None")
+        self.ief_floor = _check_float("ief_floor", self.ief_floor, 0.0, 1.0, open_low=True)
+        if self.loss_reduction not in ("mean", "sum"):
+            raise _fail("loss_reduction", self.loss_reduction, "one of mean, sum")
+        self.seed = _check_int("seed", self.seed, 0)
+
+    @staticmethod
+    def _names(name: str, value: object) -> tuple[str, ...]:
+        if isinstance(value, str) or not isinstance(value, (tuple, list)):
+            raise _fail(name, value, "a list of strings")
+        if not all(isinstance(v, str) for v in value):
+            raise _fail(name, value, "a list of strings")
+        return tuple(value)
+
+    @classmethod
+    def _patterns(cls, name: str, value: object) -> tuple[str, ...]:
+        patterns = cls._names(name, value)
+        for p in patterns:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise _fail(name, p, f"a valid regular expression ({exc})") from None
+        return patterns
+
+    def damping_at(self, step: int) -> float:
+        """Damping lambda at ``step``; a schedule's value is checked to be positive and finite."""
+        if not callable(self.damping):
+            return float(self.damping)
+        value = self.damping(step)
+        if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise ValueError(
+                f"KFACConfig.damping: the schedule returned {value!r} at step {step}; "
+                "expected a positive finite number"
+            )
+        return float(value)

@@ -1,0 +1,299 @@
+"""The maths of each supported module type: its A and G statistics and its gradient as a matrix.
+
+A layer computes ``y = W a`` per *row*. What a row is depends on the module:
+
+- ``nn.Linear`` on input ``(*lead, d_in)``: every leading index is a sample (a (B, T, d) input is
+  B*T samples); ``a`` gets a trailing 1 when the layer has a bias.
+- ``nn.Conv2d``: a row is one (sample, output position) pair and ``a`` is the unfolded input patch.
+  A is the mean over all rows; G *sums* over positions and averages over samples, so that A (x) G
+  approximates the per-sample Fisher (the KFC convention of Grosse & Martens, 2016).
+- ``nn.Embedding``: ``a`` is the one-hot token, so A is diagonal (token frequencies) and is kept
+  as a vector; the weight is (num_embeddings, dim), so its gradient matrix is transposed to the
+  (out, in) orientation the rest of the code uses.
+
+Each helper is stateless; per-layer state lives in :mod:`ngd_dist.layer`.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class ModuleMath(ABC):
+    """Statistics and gradient layout of one module type."""
+
+    diagonal_a: bool = False
+    """Whether A is diagonal (stored as a vector)."""
+
+    @abstractmethod
+    def a_dim(self, module: nn.Module) -> int:
+        """Side of the A factor."""
+
+    @abstractmethod
+    def g_dim(self, module: nn.Module) -> int:
+        """Side of the G factor."""
+
+    @abstractmethod
+    def a_statistic(self, module: nn.Module, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
+        """Sum over rows of ``a a^T`` (or of ``a`` for a diagonal A) in float32, and the row count."""
+
+    @abstractmethod
+    def g_rows(self, module: nn.Module, grad_output: Tensor) -> Tensor:
+        """Output gradients laid out as ``(batch, *rest, d_out)`` (rest may be empty)."""
+
+    @abstractmethod
+    def samples(self, g_rows: Tensor) -> int:
+        """How many samples the G sum of ``g_rows`` is averaged over."""
+
+    @abstractmethod
+    def params(self, module: nn.Module) -> list[Tensor]:
+        """The parameters this helper preconditions (weight, then bias if any)."""
+
+    @abstractmethod
+    def grad_matrix(self, module: nn.Module) -> Tensor | None:
+        """The gradient as a ``(g_dim, a_dim)`` matrix, or None when there is no gradient."""
+
+    @abstractmethod
+    def set_grad(self, module: nn.Module, matrix: Tensor) -> None:
+        """Write a ``(g_dim, a_dim)`` matrix back into the parameters' ``.grad``."""
+
+
+def _bias_column(x: Tensor) -> Tensor:
+    return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+
+
+def g_statistic(g_rows: Tensor, weights: Tensor | None, scale: float, dtype: torch.dtype) -> Tensor:
+    """Sum over rows of ``w_r (c g_r)(c g_r)^T`` in float32.
+
+    ``weights`` has the shape of a prefix of ``g_rows``' leading dims (one weight per sample, or per
+    token) and is broadcast over the rest; ``scale`` c turns the captured gradients into per-sample
+    units (see :class:`ngd_dist.KFACConfig.loss_reduction`).
+    """
+    d = g_rows.shape[-1]
+    g = g_rows.to(dtype) * scale
+    flat = g.reshape(-1, d)
+    if weights is None:
+        return (flat.t() @ flat).float()
+    lead = g_rows.shape[:-1]
+    if tuple(lead[: weights.dim()]) != tuple(weights.shape):
+        raise ValueError(
+            f"iEF weights of shape {tuple(weights.shape)} (the marked logits' leading dims) do not "
+            f"match a layer whose output rows have shape {tuple(lead)}: mark the logits of this "
+            "model's loss, whose leading dims must prefix every registered layer's"
+        )
+    w = weights.reshape(*weights.shape, *([1] * (len(lead) - weights.dim()))).expand(lead)
+    weighted = flat * w.reshape(-1, 1).to(flat.dtype)
+    return (weighted.t() @ flat).float()
+
+
+class LinearMath(ModuleMath):
+    """``nn.Linear``: rows are all leading indices of the input."""
+
+    def a_dim(self, module: nn.Module) -> int:
+        """Input features, plus one for the bias."""
+        assert isinstance(module, nn.Linear)
+        return module.in_features + (module.bias is not None)
+
+    def g_dim(self, module: nn.Module) -> int:
+        """Output features."""
+        assert isinstance(module, nn.Linear)
+        return module.out_features
+
+    def a_statistic(self, module: nn.Module, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
+        """Sum of ``a a^T`` over all rows."""
+        a = x.reshape(-1, x.shape[-1]).to(dtype)
+        if module.bias is not None:
+            a = _bias_column(a)
+        return (a.t() @ a).float(), a.shape[0]
+
+    def g_rows(self, module: nn.Module, grad_output: Tensor) -> Tensor:
+        """The output gradient as it is: ``(*lead, d_out)``."""
+        return grad_output
+
+    def samples(self, g_rows: Tensor) -> int:
+        """Every leading index is a sample."""
+        return math.prod(g_rows.shape[:-1])
+
+    def params(self, module: nn.Module) -> list[Tensor]:
+        """Weight and bias."""
+        assert isinstance(module, nn.Linear)
+        return [module.weight] + ([module.bias] if module.bias is not None else [])
+
+    def grad_matrix(self, module: nn.Module) -> Tensor | None:
+        """``[dW | db]``."""
+        assert isinstance(module, nn.Linear)
+        if module.weight.grad is None:
+            return None
+        m = module.weight.grad
+        if module.bias is not None:
+            bias_grad = module.bias.grad
+            if bias_grad is None:
+                bias_grad = torch.zeros_like(module.bias)
+            m = torch.cat([m, bias_grad.unsqueeze(1)], dim=1)
+        return m
+
+    def set_grad(self, module: nn.Module, matrix: Tensor) -> None:
+        """Split ``[dW | db]`` back into the two parameters."""
+        assert isinstance(module, nn.Linear)
+        _write(module.weight, matrix[:, : module.in_features])
+        if module.bias is not None:
+            _write(module.bias, matrix[:, -1])
+
+
+class Conv2dMath(ModuleMath):
+    """``nn.Conv2d`` with ``groups == 1``: rows are (sample, output position) pairs."""
+
+    def a_dim(self, module: nn.Module) -> int:
+        """Patch size ``C_in * kh * kw``, plus one for the bias."""
+        assert isinstance(module, nn.Conv2d)
+        kh, kw = module.kernel_size
+        return module.in_channels * kh * kw + (module.bias is not None)
+
+    def g_dim(self, module: nn.Module) -> int:
+        """Output channels."""
+        assert isinstance(module, nn.Conv2d)
+        return module.out_channels
+
+    def patches(self, module: nn.Conv2d, x: Tensor) -> Tensor:
+        """Unfolded input patches, ``(B, positions, C_in * kh * kw)``."""
+        padding = module.padding
+        if isinstance(padding, str):  # "same" / "valid": pad explicitly, possibly asymmetrically
+            x = F.pad(x, module._reversed_padding_repeated_twice)
+            padding = (0, 0)
+        cols = F.unfold(
+            x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
+        )
+        return cols.transpose(1, 2)
+
+    def a_statistic(self, module: nn.Module, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
+        """Sum of ``a a^T`` over every patch of every sample."""
+        assert isinstance(module, nn.Conv2d)
+        if x.dim() == 3:  # unbatched input
+            x = x.unsqueeze(0)
+        a = self.patches(module, x.to(dtype)).reshape(-1, self.a_dim(module) - (module.bias is not None))
+        if module.bias is not None:
+            a = _bias_column(a)
+        return (a.t() @ a).float(), a.shape[0]
+
+    def g_rows(self, module: nn.Module, grad_output: Tensor) -> Tensor:
+        """``(B, C, H, W)`` to ``(B, H, W, C)``."""
+        if grad_output.dim() == 3:
+            grad_output = grad_output.unsqueeze(0)
+        return grad_output.permute(0, 2, 3, 1)
+
+    def samples(self, g_rows: Tensor) -> int:
+        """G sums over positions and averages over the batch."""
+        return g_rows.shape[0]
+
+    def params(self, module: nn.Module) -> list[Tensor]:
+        """Weight and bias."""
+        assert isinstance(module, nn.Conv2d)
+        return [module.weight] + ([module.bias] if module.bias is not None else [])
+
+    def grad_matrix(self, module: nn.Module) -> Tensor | None:
+        """``[dW.view(out, -1) | db]``."""
+        assert isinstance(module, nn.Conv2d)
+        if module.weight.grad is None:
+            return None
+        m = module.weight.grad.reshape(module.out_channels, -1)
+        if module.bias is not None:
+            bias_grad = module.bias.grad
+            if bias_grad is None:
+                bias_grad = torch.zeros_like(module.bias)
+            m = torch.cat([m, bias_grad.unsqueeze(1)], dim=1)
+        return m
+
+    def set_grad(self, module: nn.Module, matrix: Tensor) -> None:
+        """Reshape back to the kernel and split off the bias."""
+        assert isinstance(module, nn.Conv2d)
+        n = module.weight[0].numel()
+        _write(module.weight, matrix[:, :n].reshape(module.weight.shape))
+        if module.bias is not None:
+            _write(module.bias, matrix[:, -1])
+
+
+class EmbeddingMath(ModuleMath):
+    """``nn.Embedding`` (dense gradients): A is the diagonal of token frequencies."""
+
+    diagonal_a = True
+
+    def a_dim(self, module: nn.Module) -> int:
+        """Vocabulary size."""
+        assert isinstance(module, nn.Embedding)
+        return module.num_embeddings
+
+    def g_dim(self, module: nn.Module) -> int:
+        """Embedding dimension."""
+        assert isinstance(module, nn.Embedding)
+        return module.embedding_dim
+
+    def a_statistic(self, module: nn.Module, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
+        """Token counts (the diagonal of the sum of one-hot outer products)."""
+        assert isinstance(module, nn.Embedding)
+        counts = torch.bincount(x.reshape(-1), minlength=module.num_embeddings)
+        return counts.float(), x.numel()
+
+    def g_rows(self, module: nn.Module, grad_output: Tensor) -> Tensor:
+        """The output gradient as it is: ``(*lead, dim)``."""
+        return grad_output
+
+    def samples(self, g_rows: Tensor) -> int:
+        """Every token is a sample."""
+        return math.prod(g_rows.shape[:-1])
+
+    def params(self, module: nn.Module) -> list[Tensor]:
+        """The embedding table."""
+        assert isinstance(module, nn.Embedding)
+        return [module.weight]
+
+    def grad_matrix(self, module: nn.Module) -> Tensor | None:
+        """The table's gradient transposed to ``(dim, num_embeddings)``."""
+        assert isinstance(module, nn.Embedding)
+        grad = module.weight.grad
+        return None if grad is None else grad.t()
+
+    def set_grad(self, module: nn.Module, matrix: Tensor) -> None:
+        """Transpose back to the table's layout."""
+        assert isinstance(module, nn.Embedding)
+        _write(module.weight, matrix.t())
+
+
+def _write(param: Tensor, value: Tensor) -> None:
+    if param.grad is None:
+        param.grad = value.to(param.dtype).contiguous().clone()
+    else:
+        param.grad.copy_(value)
+
+
+MATHS: dict[str, ModuleMath] = {
+    "Linear": LinearMath(),
+    "Conv2d": Conv2dMath(),
+    "Embedding": EmbeddingMath(),
+}
+
+
+def unsupported_reason(module: nn.Module) -> str | None:
+    """Why a module of a supported type still cannot be preconditioned, or None if it can."""
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            return f"groups={module.groups} (only groups=1 is Kronecker-factored)"
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r} (only 'zeros')"
+    if isinstance(module, nn.Embedding) and module.sparse:
+        return "sparse=True (sparse gradients are not preconditioned)"
+    if not MATHS[type_name(module)].params(module)[0].requires_grad:
+        return "the weight is frozen (requires_grad=False)"
+    return None
+
+
+def type_name(module: nn.Module) -> str:
+    """The supported base type a module is an instance of (subclasses count), or ''."""
+    for name, cls in (("Linear", nn.Linear), ("Conv2d", nn.Conv2d), ("Embedding", nn.Embedding)):
+        if isinstance(module, cls):
+            return name
+    return ""

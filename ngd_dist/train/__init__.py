@@ -1,0 +1,1 @@
+"""The training side: small built-in models and the quickstart job."""
