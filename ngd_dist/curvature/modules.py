@@ -40,7 +40,7 @@ class ModuleMath(ABC):
 
     @abstractmethod
     def a_statistic(self, module: nn.Module, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
-        """Sum over rows of ``a a^T`` (or of ``a`` for a diagonal A) in float32, and the row count."""
+        """Sum over rows of ``a a^T`` (or of ``a`` for a diagonal A), and the row count."""
 
     @abstractmethod
     def g_rows(self, module: nn.Module, grad_output: Tensor) -> Tensor:
@@ -63,6 +63,11 @@ class ModuleMath(ABC):
         """Write a ``(g_dim, a_dim)`` matrix back into the parameters' ``.grad``."""
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Statistics are accumulated in float32, or float64 when computed in float64."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def _bias_column(x: Tensor) -> Tensor:
     return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
 
@@ -78,7 +83,7 @@ def g_statistic(g_rows: Tensor, weights: Tensor | None, scale: float, dtype: tor
     g = g_rows.to(dtype) * scale
     flat = g.reshape(-1, d)
     if weights is None:
-        return (flat.t() @ flat).float()
+        return (flat.t() @ flat).to(accumulation_dtype(dtype))
     lead = g_rows.shape[:-1]
     if tuple(lead[: weights.dim()]) != tuple(weights.shape):
         raise ValueError(
@@ -88,7 +93,7 @@ def g_statistic(g_rows: Tensor, weights: Tensor | None, scale: float, dtype: tor
         )
     w = weights.reshape(*weights.shape, *([1] * (len(lead) - weights.dim()))).expand(lead)
     weighted = flat * w.reshape(-1, 1).to(flat.dtype)
-    return (weighted.t() @ flat).float()
+    return (weighted.t() @ flat).to(accumulation_dtype(dtype))
 
 
 class LinearMath(ModuleMath):
@@ -109,7 +114,7 @@ class LinearMath(ModuleMath):
         a = x.reshape(-1, x.shape[-1]).to(dtype)
         if module.bias is not None:
             a = _bias_column(a)
-        return (a.t() @ a).float(), a.shape[0]
+        return (a.t() @ a).to(accumulation_dtype(dtype)), a.shape[0]
 
     def g_rows(self, module: nn.Module, grad_output: Tensor) -> Tensor:
         """The output gradient as it is: ``(*lead, d_out)``."""
@@ -178,7 +183,7 @@ class Conv2dMath(ModuleMath):
         a = self.patches(module, x.to(dtype)).reshape(-1, self.a_dim(module) - (module.bias is not None))
         if module.bias is not None:
             a = _bias_column(a)
-        return (a.t() @ a).float(), a.shape[0]
+        return (a.t() @ a).to(accumulation_dtype(dtype)), a.shape[0]
 
     def g_rows(self, module: nn.Module, grad_output: Tensor) -> Tensor:
         """``(B, C, H, W)`` to ``(B, H, W, C)``."""
@@ -236,7 +241,7 @@ class EmbeddingMath(ModuleMath):
         """Token counts (the diagonal of the sum of one-hot outer products)."""
         assert isinstance(module, nn.Embedding)
         counts = torch.bincount(x.reshape(-1), minlength=module.num_embeddings)
-        return counts.float(), x.numel()
+        return counts.to(accumulation_dtype(dtype)), x.numel()
 
     def g_rows(self, module: nn.Module, grad_output: Tensor) -> Tensor:
         """The output gradient as it is: ``(*lead, dim)``."""
