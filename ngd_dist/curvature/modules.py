@@ -96,7 +96,36 @@ def g_statistic(g_rows: Tensor, weights: Tensor | None, scale: float, dtype: tor
     return (weighted.t() @ flat).to(accumulation_dtype(dtype))
 
 
-class LinearMath(ModuleMath):
+class _WeightBiasMath(ModuleMath):
+    """Layout shared by Linear and Conv2d: ``[weight.view(out, -1) | bias]``."""
+
+    def params(self, module: nn.Module) -> list[Tensor]:
+        """Weight and bias."""
+        weight, bias = module.weight, module.bias
+        assert isinstance(weight, Tensor)
+        return [weight] + ([bias] if isinstance(bias, Tensor) else [])
+
+    def grad_matrix(self, module: nn.Module) -> Tensor | None:
+        """``[dW.view(out, -1) | db]``."""
+        weight, *bias = self.params(module)
+        if weight.grad is None:
+            return None
+        m = weight.grad.reshape(weight.shape[0], -1)
+        if bias:
+            bias_grad = bias[0].grad if bias[0].grad is not None else torch.zeros_like(bias[0])
+            m = torch.cat([m, bias_grad.unsqueeze(1)], dim=1)
+        return m
+
+    def set_grad(self, module: nn.Module, matrix: Tensor) -> None:
+        """Reshape back to the weight's shape and split off the bias."""
+        weight, *bias = self.params(module)
+        n = weight[0].numel()
+        _write(weight, matrix[:, :n].reshape(weight.shape))
+        if bias:
+            _write(bias[0], matrix[:, -1])
+
+
+class LinearMath(_WeightBiasMath):
     """``nn.Linear``: rows are all leading indices of the input."""
 
     def a_dim(self, module: nn.Module) -> int:
@@ -124,33 +153,8 @@ class LinearMath(ModuleMath):
         """Every leading index is a sample."""
         return math.prod(g_rows.shape[:-1])
 
-    def params(self, module: nn.Module) -> list[Tensor]:
-        """Weight and bias."""
-        assert isinstance(module, nn.Linear)
-        return [module.weight] + ([module.bias] if module.bias is not None else [])
 
-    def grad_matrix(self, module: nn.Module) -> Tensor | None:
-        """``[dW | db]``."""
-        assert isinstance(module, nn.Linear)
-        if module.weight.grad is None:
-            return None
-        m = module.weight.grad
-        if module.bias is not None:
-            bias_grad = module.bias.grad
-            if bias_grad is None:
-                bias_grad = torch.zeros_like(module.bias)
-            m = torch.cat([m, bias_grad.unsqueeze(1)], dim=1)
-        return m
-
-    def set_grad(self, module: nn.Module, matrix: Tensor) -> None:
-        """Split ``[dW | db]`` back into the two parameters."""
-        assert isinstance(module, nn.Linear)
-        _write(module.weight, matrix[:, : module.in_features])
-        if module.bias is not None:
-            _write(module.bias, matrix[:, -1])
-
-
-class Conv2dMath(ModuleMath):
+class Conv2dMath(_WeightBiasMath):
     """``nn.Conv2d`` with ``groups == 1``: rows are (sample, output position) pairs."""
 
     def a_dim(self, module: nn.Module) -> int:
@@ -194,32 +198,6 @@ class Conv2dMath(ModuleMath):
     def samples(self, g_rows: Tensor) -> int:
         """G sums over positions and averages over the batch."""
         return g_rows.shape[0]
-
-    def params(self, module: nn.Module) -> list[Tensor]:
-        """Weight and bias."""
-        assert isinstance(module, nn.Conv2d)
-        return [module.weight] + ([module.bias] if module.bias is not None else [])
-
-    def grad_matrix(self, module: nn.Module) -> Tensor | None:
-        """``[dW.view(out, -1) | db]``."""
-        assert isinstance(module, nn.Conv2d)
-        if module.weight.grad is None:
-            return None
-        m = module.weight.grad.reshape(module.out_channels, -1)
-        if module.bias is not None:
-            bias_grad = module.bias.grad
-            if bias_grad is None:
-                bias_grad = torch.zeros_like(module.bias)
-            m = torch.cat([m, bias_grad.unsqueeze(1)], dim=1)
-        return m
-
-    def set_grad(self, module: nn.Module, matrix: Tensor) -> None:
-        """Reshape back to the kernel and split off the bias."""
-        assert isinstance(module, nn.Conv2d)
-        n = module.weight[0].numel()
-        _write(module.weight, matrix[:, :n].reshape(module.weight.shape))
-        if module.bias is not None:
-            _write(module.bias, matrix[:, -1])
 
 
 class EmbeddingMath(ModuleMath):
