@@ -29,7 +29,7 @@ from torch import Tensor, nn
 
 from ngd_dist.config import KFACConfig
 from ngd_dist.curvature.capture import StatisticsCapture
-from ngd_dist.distributed import Communicator, LocalCommunicator, round_robin
+from ngd_dist.distributed import Communicator, LayerShape, LocalCommunicator, round_robin
 from ngd_dist.layer import KFACLayer
 from ngd_dist.linalg import decompose
 from ngd_dist.registry import register_layers
@@ -99,8 +99,8 @@ class KFACPreconditioner:
                 "KFACConfig.layer_types/include/skip: no module of the model can be preconditioned "
                 f"(left out: {self.skipped or 'no Linear, Conv2d or Embedding modules'})"
             )
-        owners = round_robin([layer.name for layer in self.layers], self.comm.world_size)
-        self.owner: dict[str, int] = owners
+        shapes = [LayerShape(la.name, la.a_dim, la.g_dim, la.math.diagonal_a) for la in self.layers]
+        self.plan = round_robin(shapes, self.comm.world_size)
         self.stats = KFACStats()
         self.capture = StatisticsCapture(self.layers, self.config, grad_scaler)
         self.capture.install(model)
@@ -224,7 +224,7 @@ class KFACPreconditioner:
     def _refresh(self, damping: float) -> None:
         """Recompute the decompositions this rank owns."""
         for layer in self.layers:
-            if self.owner[layer.name] != self.comm.rank or layer.a is None:
+            if self.plan.layer_owner[layer.name] != self.comm.rank or layer.a is None:
                 continue
             ok, retried = layer.refresh(self.config.method, damping, self.config.inverse_dtype)  # type: ignore[arg-type]
             self.stats.decompositions += 1
