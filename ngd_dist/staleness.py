@@ -1,0 +1,72 @@
+"""When a factor is stale enough to refresh: the adaptive interval policy (SP-NGD inspired).
+
+After each refresh of a factor X the policy sees the relative change
+``r = ||X_new - X_old||_F / ||X_old||_F``. Below ``low`` the statistics are stable and the factor's
+interval doubles (up to ``cap``); above ``high`` they moved and it halves (down to 1); in between it
+stays. The policy is deterministic: fed the same changes, every rank makes the same decisions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+
+def relative_change(new: Tensor, old: Tensor) -> float:
+    """``||new - old||_F / ||old||_F`` (infinite when ``old`` is zero and ``new`` is not)."""
+    denom = float(torch.linalg.vector_norm(old.double()))
+    diff = float(torch.linalg.vector_norm((new - old).double()))
+    if denom == 0.0:
+        return 0.0 if diff == 0.0 else float("inf")
+    return diff / denom
+
+
+@dataclass
+class AdaptiveInterval:
+    """Per-key refresh intervals that lengthen while statistics are stable and shorten on change."""
+
+    initial: int = 1
+    cap: int = 64
+    low: float = 0.05
+    high: float = 0.2
+    intervals: dict[Hashable, int] = field(default_factory=dict)
+    last: dict[Hashable, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Check the thresholds and bounds."""
+        for name in ("initial", "cap"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"AdaptiveInterval.{name}: got {value!r}; expected an integer >= 1")
+        if self.initial > self.cap:
+            raise ValueError(f"AdaptiveInterval.initial: got {self.initial}; expected <= cap={self.cap}")
+        if not (0 <= self.low < self.high):
+            raise ValueError(
+                f"AdaptiveInterval.low/high: got {self.low!r}/{self.high!r}; expected 0 <= low < high"
+            )
+
+    def interval(self, key: Hashable) -> int:
+        """The current interval of ``key``."""
+        return self.intervals.get(key, self.initial)
+
+    def due(self, key: Hashable, step: int) -> bool:
+        """Whether ``key`` should be refreshed at ``step`` (always, if it never was)."""
+        last = self.last.get(key)
+        return last is None or step - last >= self.interval(key)
+
+    def observe(self, key: Hashable, step: int, change: float) -> int:
+        """Record a refresh of ``key`` at ``step`` with relative change ``change``.
+
+        Returns the new interval.
+        """
+        current = self.interval(key)
+        if change < self.low:
+            current = min(self.cap, 2 * current)
+        elif change > self.high:
+            current = max(1, current // 2)
+        self.intervals[key] = current
+        self.last[key] = step
+        return current
