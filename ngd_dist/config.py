@@ -18,6 +18,10 @@ import torch
 Curvature = Literal["ef", "mc", "ief"]
 Method = Literal["eigen", "inverse"]
 LossReduction = Literal["mean", "sum"]
+Refresh = Literal["fixed", "adaptive"]
+Placement = Literal["memory", "communication", "hybrid"]
+Assignment = Literal["round_robin", "greedy"]
+Transport = Literal["torch", "mpi"]
 
 CURVATURES: tuple[str, ...] = ("ef", "mc", "ief")
 METHODS: tuple[str, ...] = ("eigen", "inverse")
@@ -130,6 +134,41 @@ class KFACConfig:
     seed: int = 0
     """Seed of the generator that draws the sampled-Fisher (``"mc"``) labels."""
 
+    refresh: Refresh = "fixed"
+    """``"fixed"``: fold factors every factor_every steps, decompose every inverse_every.
+    ``"adaptive"``: each factor is refreshed (captured, folded, decomposed) at its own interval,
+    starting at factor_every, doubled while its relative change stays below refresh_low (up to
+    refresh_cap), halved when it exceeds refresh_high (down to 1)."""
+
+    refresh_low: float = 0.01
+    """Adaptive refresh: relative change ||X_new - X_old||_F / ||X_old||_F below which the
+    interval doubles."""
+
+    refresh_high: float = 0.05
+    """Adaptive refresh: relative change above which the interval halves."""
+
+    refresh_cap: int = 128
+    """Adaptive refresh: the longest interval, in steps."""
+
+    assignment: Assignment = "round_robin"
+    """How factors are dealt to ranks: ``"round_robin"`` in registration order, or ``"greedy"``
+    longest-processing-time first by decomposition cost (n^3)."""
+
+    placement: Placement = "memory"
+    """Where preconditioned gradients are computed (KAISA): ``"memory"`` by one rank per layer,
+    which broadcasts them; ``"communication"`` by every rank, decompositions broadcast instead;
+    ``"hybrid"`` by grad_worker_fraction of the ranks."""
+
+    grad_worker_fraction: float = 0.5
+    """Hybrid placement: fraction of ranks computing each layer's preconditioned gradient (rounded
+    down to a divisor of the world size)."""
+
+    comm_dtype: torch.dtype | str = torch.float32
+    """dtype of factor statistics on the wire (float32, or bfloat16 for half the bytes)."""
+
+    transport: Transport = "torch"
+    """Collectives over torch.distributed (gloo / NCCL) or over mpi4py (CPU buffers)."""
+
     def __post_init__(self) -> None:
         """Check every field; normalise dtypes and tuples."""
         if self.curvature not in CURVATURES:
@@ -172,6 +211,25 @@ class KFACConfig:
         if self.loss_reduction not in ("mean", "sum"):
             raise _fail("loss_reduction", self.loss_reduction, "one of mean, sum")
         self.seed = _check_int("seed", self.seed, 0)
+        if self.refresh not in ("fixed", "adaptive"):
+            raise _fail("refresh", self.refresh, "one of fixed, adaptive")
+        self.refresh_low = _check_float("refresh_low", self.refresh_low, 0.0, math.inf, open_low=False)
+        self.refresh_high = _check_float("refresh_high", self.refresh_high, 0.0, math.inf, open_low=True)
+        if self.refresh_high <= self.refresh_low:
+            raise _fail("refresh_high", self.refresh_high, f"a number above refresh_low={self.refresh_low}")
+        self.refresh_cap = _check_int("refresh_cap", self.refresh_cap, 1)
+        if self.refresh == "adaptive" and self.refresh_cap < self.factor_every:
+            raise _fail("refresh_cap", self.refresh_cap, f"an integer >= factor_every={self.factor_every}")
+        if self.assignment not in ("round_robin", "greedy"):
+            raise _fail("assignment", self.assignment, "one of round_robin, greedy")
+        if self.placement not in ("memory", "communication", "hybrid"):
+            raise _fail("placement", self.placement, "one of memory, communication, hybrid")
+        self.grad_worker_fraction = _check_float(
+            "grad_worker_fraction", self.grad_worker_fraction, 0.0, 1.0, open_low=True
+        )
+        self.comm_dtype = parse_dtype("comm_dtype", self.comm_dtype, (torch.float32, torch.bfloat16))
+        if self.transport not in ("torch", "mpi"):
+            raise _fail("transport", self.transport, "one of torch, mpi")
 
     @staticmethod
     def _names(name: str, value: object) -> tuple[str, ...]:

@@ -1,19 +1,23 @@
-"""Per-layer state: statistics being gathered this step, running factors, and the decomposition."""
+"""Per-layer state: statistics being gathered this step, running factors, decompositions.
+
+A layer has two factors, A and G. Every rank gathers both factors' statistics on its own batch;
+only a factor's owner keeps the running average and computes its decomposition; the ranks that
+precondition the layer hold both decompositions.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import Tensor, nn
 
 from ngd_dist.curvature.modules import ModuleMath
-from ngd_dist.linalg import Decomposition, decompose
+from ngd_dist.linalg import Decomposition
 
 
 @dataclass
 class Pending:
-    """One factor's statistics summed over this step's micro-batches (float32), and their count."""
+    """One factor's statistics summed over this step's micro-batches, and their count."""
 
     total: Tensor | None = None
     count: int = 0
@@ -23,34 +27,43 @@ class Pending:
         self.total = value if self.total is None else self.total + value
         self.count += count
 
-    def mean(self) -> Tensor | None:
-        """The average, or None when nothing was gathered."""
-        if self.total is None or self.count == 0:
-            return None
-        return self.total / self.count
-
     def clear(self) -> None:
         """Forget this step's statistics."""
         self.total, self.count = None, 0
 
 
 @dataclass
+class Factor:
+    """One Kronecker factor of one layer."""
+
+    pending: Pending = field(default_factory=Pending)
+    running: Tensor | None = None
+    """The running average (on the owner only; a vector for a diagonal A)."""
+    trace: float | None = None
+    """Trace of the running average, known on every rank (for the pi-split of the inverse form)."""
+    decomposition: Decomposition | None = None
+    decomposed_from: Tensor | None = None
+    """The running average the owner's decomposition was computed from (for exact checkpoints)."""
+    decomposed_shift: float = 0.0
+    """The damping shift of an inverse-form decomposition."""
+
+    def fold(self, new: Tensor, decay: float) -> None:
+        """Fold a step's average into the running one (out of place: see ``decomposed_from``)."""
+        self.running = new.clone() if self.running is None else self.running * decay + new * (1.0 - decay)
+
+    def fold_trace(self, new: float, decay: float) -> None:
+        """Fold a step's trace the same way, so every rank tracks the owner's running trace."""
+        self.trace = new if self.trace is None else self.trace * decay + new * (1.0 - decay)
+
+
+@dataclass
 class KFACLayer:
-    """One registered module: its maths helper, factors A and G, and their decomposition."""
+    """One registered module: its maths helper and its two factors."""
 
     name: str
     module: nn.Module
     math: ModuleMath
-    a: Tensor | None = None
-    """Running A (a vector when ``math.diagonal_a``)."""
-    g: Tensor | None = None
-    """Running G."""
-    pending_a: Pending = field(default_factory=Pending)
-    pending_g: Pending = field(default_factory=Pending)
-    decomposition: Decomposition | None = None
-    decomposed_from: tuple[Tensor, Tensor] | None = None
-    """The factors the current decomposition was computed from (kept for exact checkpoints)."""
-    decomposed_damping: float = 0.0
+    factors: dict[str, Factor] = field(default_factory=lambda: {"a": Factor(), "g": Factor()})
 
     @property
     def a_dim(self) -> int:
@@ -62,34 +75,33 @@ class KFACLayer:
         """Side of G."""
         return self.math.g_dim(self.module)
 
-    def fold(self, name: str, new: Tensor, decay: float) -> None:
-        """Fold a step's factor into the running average (out of place, see ``decomposed_from``)."""
-        old = getattr(self, name)
-        setattr(self, name, new.clone() if old is None else old * decay + new * (1.0 - decay))
+    def shape(self, factor: str) -> tuple[int, ...]:
+        """Shape of a factor's running average."""
+        if factor == "a":
+            return (self.a_dim,) if self.math.diagonal_a else (self.a_dim, self.a_dim)
+        return (self.g_dim, self.g_dim)
 
-    def refresh(self, method: str, damping: float, dtype: torch.dtype) -> tuple[bool, bool]:
-        """Recompute the decomposition from the running factors.
+    @property
+    def pending_a(self) -> Pending:
+        """A's statistics of this step."""
+        return self.factors["a"].pending
 
-        Returns (succeeded, retried in float64). On failure the previous decomposition stays.
-        """
-        if self.a is None or self.g is None:
-            return True, False
-        result, retried = decompose(self.a, self.g, method, damping, dtype)
-        if result is None:
-            return False, retried
-        self.decomposition = result
-        self.decomposed_from = (self.a, self.g)
-        self.decomposed_damping = damping
-        return True, retried
+    @property
+    def pending_g(self) -> Pending:
+        """G's statistics of this step."""
+        return self.factors["g"].pending
 
-    def state_dict(self) -> dict[str, Tensor | float]:
-        """Running factors, plus the ones the decomposition came from when they differ."""
-        state: dict[str, Tensor | float] = {}
-        if self.a is not None and self.g is not None:
-            state["a"], state["g"] = self.a, self.g
-        if self.decomposed_from is not None:
-            da, dg = self.decomposed_from
-            if da is not self.a or dg is not self.g:
-                state["decomposed_a"], state["decomposed_g"] = da, dg
-            state["decomposed_damping"] = self.decomposed_damping
-        return state
+    @property
+    def a(self) -> Tensor | None:
+        """Running A (on its owner)."""
+        return self.factors["a"].running
+
+    @property
+    def g(self) -> Tensor | None:
+        """Running G (on its owner)."""
+        return self.factors["g"].running
+
+    @property
+    def ready(self) -> bool:
+        """Whether both decompositions are present here."""
+        return all(f.decomposition is not None for f in self.factors.values())

@@ -1,19 +1,20 @@
-"""Decompositions of Kronecker factors and their application to a gradient matrix.
+"""Decompositions of single Kronecker factors, and their application to a gradient matrix.
 
-Two forms, chosen by ``KFACConfig.method``:
+Each factor is decomposed on its own, so the two factors of a layer may be decomposed on different
+ranks. Two forms, chosen by ``KFACConfig.method``:
 
-- :class:`EigenForm` stores ``A = Q_A diag(v_A) Q_A^T`` and ``G = Q_G diag(v_G) Q_G^T`` and applies
-  ``(G (x) A + lambda I)^-1`` exactly in that eigenbasis:
+- ``"eigen"``: :class:`Eigen` holds ``X = Q diag(v) Q^T`` (``Q`` is None for a diagonal factor).
+  With both factors in this form, :func:`precondition` applies ``(G (x) A + lambda I)^-1`` exactly:
   ``P = Q_G [ (Q_G^T M Q_A) / (v_G v_A^T + lambda) ] Q_A^T``. Damping is applied at every step, so a
-  damping schedule takes effect without a new decomposition.
-- :class:`InverseForm` stores ``(A + pi sqrt(lambda) I)^-1`` and ``(G + sqrt(lambda)/pi I)^-1`` with
-  ``pi = sqrt((tr A / dim A) / (tr G / dim G))`` (Martens & Grosse's pi-split) and applies
-  ``P = G_inv M A_inv``; damping is fixed at decomposition time.
+  damping schedule acts between decompositions.
+- ``"inverse"``: :class:`Inverse` holds ``(X + shift I)^-1``, with Martens & Grosse's pi-split
+  shifts ``pi sqrt(lambda)`` for A and ``sqrt(lambda) / pi`` for G,
+  ``pi = sqrt((tr A / dim A) / (tr G / dim G))``; ``P = G_inv M A_inv``, damping fixed at
+  decomposition time.
 
-A diagonal A (embeddings) is a vector throughout. Decompositions run in ``dtype`` (float32 by
-default) and are retried in float64 when they raise or give non-finite values; :func:`decompose`
-reports whether it retried and returns None when float64 failed too, so the caller can keep the last
-good decomposition and count the failure.
+Decompositions run in ``dtype`` (float32 by default) and are retried in float64 when they raise or
+give non-finite values; :func:`decompose` says whether it retried, and returns None when float64
+failed too, so the caller can keep the last good decomposition and count the failure.
 """
 
 from __future__ import annotations
@@ -26,102 +27,109 @@ from torch import Tensor
 
 
 @dataclass
-class EigenForm:
-    """Eigenbases and eigenvalues of A and G (``q_a`` is None for a diagonal A)."""
+class Eigen:
+    """Eigenvectors (None for a diagonal factor) and eigenvalues of one factor."""
 
-    q_a: Tensor | None
-    v_a: Tensor
-    q_g: Tensor
-    v_g: Tensor
+    q: Tensor | None
+    v: Tensor
 
-    def apply(self, m: Tensor, damping: float) -> Tensor:
-        """``(G (x) A + damping I)^-1`` applied to the ``(g_dim, a_dim)`` gradient matrix ``m``."""
-        x = m.to(self.q_g.dtype)
-        x = self.q_g.t() @ x
-        if self.q_a is not None:
-            x = x @ self.q_a
-        x = x / (torch.outer(self.v_g, self.v_a) + damping)
-        x = self.q_g @ x
-        if self.q_a is not None:
-            x = x @ self.q_a.t()
-        return x.to(m.dtype)
+    def tensors(self) -> list[Tensor]:
+        """The tensors it is made of."""
+        return [self.v] if self.q is None else [self.q, self.v]
 
 
 @dataclass
-class InverseForm:
-    """Damped inverses of A (a vector when A is diagonal) and G."""
+class Inverse:
+    """The damped inverse of one factor (a vector for a diagonal factor)."""
 
-    a_inv: Tensor
-    g_inv: Tensor
+    inv: Tensor
 
-    def apply(self, m: Tensor, damping: float) -> Tensor:
-        """``G_inv m A_inv``; ``damping`` was fixed when the inverses were taken."""
-        x = self.g_inv @ m.to(self.g_inv.dtype)
-        x = x * self.a_inv if self.a_inv.dim() == 1 else x @ self.a_inv
-        return x.to(m.dtype)
+    def tensors(self) -> list[Tensor]:
+        """The tensors it is made of."""
+        return [self.inv]
 
 
-Decomposition = EigenForm | InverseForm
+Decomposition = Eigen | Inverse
 
 
-def pi_split(a: Tensor, g: Tensor) -> float:
-    """``pi = sqrt((tr A / dim A) / (tr G / dim G))``; 1 when either trace is not positive."""
-    mean_a = float(a.sum() if a.dim() == 1 else a.diagonal().sum()) / a.shape[0]
-    mean_g = float(g.diagonal().sum()) / g.shape[0]
+def pi_split(trace_a: float, dim_a: int, trace_g: float, dim_g: int) -> float:
+    """``pi = sqrt((tr A / dim A) / (tr G / dim G))``; 1 when either mean is not positive."""
+    mean_a, mean_g = trace_a / dim_a, trace_g / dim_g
     if not (mean_a > 0 and mean_g > 0 and math.isfinite(mean_a) and math.isfinite(mean_g)):
         return 1.0
     return math.sqrt(mean_a / mean_g)
 
 
-def _eigen(a: Tensor, g: Tensor, dtype: torch.dtype) -> EigenForm:
-    if a.dim() == 1:
-        q_a, v_a = None, a.to(dtype)
-    else:
-        v_a, q_a = torch.linalg.eigh(a.to(dtype))
-    v_g, q_g = torch.linalg.eigh(g.to(dtype))
-    # Factors are PSD; round-off can leave tiny negative eigenvalues, which damping must not meet.
-    return EigenForm(q_a, v_a.clamp_min(0.0), q_g, v_g.clamp_min(0.0))
+def trace(x: Tensor) -> float:
+    """Trace of a factor (the sum of a diagonal factor's vector)."""
+    return float(x.sum() if x.dim() == 1 else x.diagonal().sum())
 
 
-def _spd_inverse(x: Tensor, shift: float) -> Tensor:
-    eye = torch.eye(x.shape[0], dtype=x.dtype, device=x.device)
-    chol = torch.linalg.cholesky(x + shift * eye)
-    return torch.cholesky_inverse(chol)
-
-
-def _inverse(a: Tensor, g: Tensor, damping: float, dtype: torch.dtype) -> InverseForm:
-    pi = pi_split(a, g)
+def inverse_shifts(
+    trace_a: float, dim_a: int, trace_g: float, dim_g: int, damping: float
+) -> tuple[float, float]:
+    """The pi-split shifts ``(pi sqrt(lambda), sqrt(lambda) / pi)`` added to A and G."""
+    pi = pi_split(trace_a, dim_a, trace_g, dim_g)
     root = math.sqrt(damping)
-    a = a.to(dtype)
-    a_inv = 1.0 / (a + pi * root) if a.dim() == 1 else _spd_inverse(a, pi * root)
-    return InverseForm(a_inv, _spd_inverse(g.to(dtype), root / pi))
+    return pi * root, root / pi
 
 
-def _finite(d: Decomposition) -> bool:
-    if isinstance(d, EigenForm):
-        tensors = [t for t in (d.q_a, d.v_a, d.q_g, d.v_g) if t is not None]
-    else:
-        tensors = [d.a_inv, d.g_inv]
-    return all(bool(torch.isfinite(t).all()) for t in tensors)
+def _eigen(x: Tensor, dtype: torch.dtype) -> Eigen:
+    if x.dim() == 1:
+        return Eigen(None, x.to(dtype).clamp_min(0.0))
+    v, q = torch.linalg.eigh(x.to(dtype))
+    # Factors are PSD; round-off can leave tiny negative eigenvalues, which damping must not meet.
+    return Eigen(q, v.clamp_min(0.0))
 
 
-def decompose(
-    a: Tensor, g: Tensor, method: str, damping: float, dtype: torch.dtype
-) -> tuple[Decomposition | None, bool]:
-    """Decompose one layer's factors; returns (result or None if it failed, whether float64 retried).
+def _inverse(x: Tensor, shift: float, dtype: torch.dtype) -> Inverse:
+    x = x.to(dtype)
+    if x.dim() == 1:
+        return Inverse(1.0 / (x + shift))
+    eye = torch.eye(x.shape[0], dtype=x.dtype, device=x.device)
+    return Inverse(torch.cholesky_inverse(torch.linalg.cholesky(x + shift * eye)))
 
-    ``damping`` is only used by the inverse form. A failure in ``dtype`` is retried once in float64
-    (and the result kept in float64).
+
+def _cast(d: Decomposition, dtype: torch.dtype) -> Decomposition:
+    if isinstance(d, Inverse):
+        return Inverse(d.inv.to(dtype))
+    return Eigen(None if d.q is None else d.q.to(dtype), d.v.to(dtype))
+
+
+def decompose(x: Tensor, method: str, shift: float, dtype: torch.dtype) -> tuple[Decomposition | None, bool]:
+    """Decompose one factor; returns (result or None if it failed, whether float64 was retried).
+
+    ``shift`` is only used by the inverse form. A failure in ``dtype`` is retried once in float64,
+    and the float64 result is cast back to ``dtype``.
     """
     dtypes = [dtype] if dtype == torch.float64 else [dtype, torch.float64]
     for attempt, dt in enumerate(dtypes):
         try:
-            result = _eigen(a, g, dt) if method == "eigen" else _inverse(a, g, damping, dt)
+            result = _eigen(x, dt) if method == "eigen" else _inverse(x, shift, dt)
         except (RuntimeError, torch.linalg.LinAlgError):
             continue
-        if _finite(result):
-            return result, attempt > 0
+        if all(bool(torch.isfinite(t).all()) for t in result.tensors()):
+            return (_cast(result, dtype) if dt != dtype else result), attempt > 0
     return None, len(dtypes) > 1
+
+
+def precondition(a: Decomposition, g: Decomposition, m: Tensor, damping: float) -> Tensor:
+    """Apply the preconditioner of one layer to its ``(g_dim, a_dim)`` gradient matrix ``m``."""
+    if isinstance(a, Eigen) and isinstance(g, Eigen):
+        assert g.q is not None
+        x = g.q.t() @ m.to(g.q.dtype)
+        if a.q is not None:
+            x = x @ a.q
+        x = x / (torch.outer(g.v, a.v) + damping)
+        x = g.q @ x
+        if a.q is not None:
+            x = x @ a.q.t()
+        return x.to(m.dtype)
+    if isinstance(a, Inverse) and isinstance(g, Inverse):
+        x = g.inv @ m.to(g.inv.dtype)
+        x = x * a.inv if a.inv.dim() == 1 else x @ a.inv
+        return x.to(m.dtype)
+    raise TypeError("both factors of a layer must be decomposed with the same method")
 
 
 def pack_upper(x: Tensor) -> Tensor:

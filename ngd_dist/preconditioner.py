@@ -1,4 +1,4 @@
-"""The K-FAC preconditioner: orchestration of one optimisation step.
+"""The K-FAC preconditioner: orchestration of one optimisation step, on one rank or many.
 
 Usage (any ``torch.optim`` optimizer follows the preconditioned gradients)::
 
@@ -11,9 +11,17 @@ Usage (any ``torch.optim`` optimizer follows the preconditioned gradients)::
         precond.step()                     # .grad of registered layers <- preconditioned
         opt.step()
 
-Per step: fold the statistics captured this step into the running factors (on factor steps),
-refresh the decompositions this rank owns (on inverse steps), precondition every registered
-layer's gradient, scale all of them by the KL-clip factor, and write them back into ``.grad``.
+One step, in order (SP-NGD / KAISA style; every collective is a no-op on one rank):
+
+1. gradients are averaged over the ranks, unless DDP already did it (bucketed all-reduce);
+2. on steps where factors are due, each rank's statistics are summed to each factor's owner
+   (one reduce per owner rank, symmetric factors packed as upper triangles) after one small
+   all-reduce of traces, counts and NaN flags, from which every rank makes the same decisions;
+3. owners decompose the factors that are due and send them to their layer's gradient workers;
+4. gradient workers precondition their layers and send the results along their row;
+5. every rank scales all preconditioned gradients by the same KL-clip factor and writes them into
+   ``.grad``.
+
 With a ``torch.amp.GradScaler``, call ``scaler.unscale_(opt)`` before :meth:`step`; a step whose
 gradients overflowed (the scaler will skip it) folds nothing into the factors.
 """
@@ -21,20 +29,28 @@ gradients overflowed (the scaler will skip it) folds nothing into the factors.
 from __future__ import annotations
 
 import math
+import time
+from collections import defaultdict
+from collections.abc import Hashable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ngd_dist.config import KFACConfig
 from ngd_dist.curvature.capture import StatisticsCapture
-from ngd_dist.distributed import Communicator, LayerShape, LocalCommunicator, round_robin
-from ngd_dist.layer import KFACLayer
-from ngd_dist.linalg import decompose
+from ngd_dist.distributed.assignment import FACTORS, LayerShape, grad_workers_for, make_plan
+from ngd_dist.distributed.buckets import Collectives, Layout, Slot
+from ngd_dist.distributed.comm import Communicator, default_communicator
+from ngd_dist.layer import Factor, KFACLayer
+from ngd_dist.linalg import Decomposition, Eigen, Inverse, decompose, inverse_shifts, precondition
 from ngd_dist.registry import register_layers
+from ngd_dist.staleness import AdaptiveInterval, AdaptiveSchedule, FixedSchedule, Schedule, relative_change
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+Key = tuple[str, str]
 
 
 @dataclass
@@ -46,13 +62,13 @@ class KFACStats:
     factor_refreshes: int = 0
     """Steps whose statistics were folded into the running factors."""
     decompositions: int = 0
-    """Per-layer decompositions computed on this rank."""
+    """Factor decompositions computed on this rank."""
     decomposition_retries: int = 0
     """Decompositions that failed in the configured dtype and were retried in float64."""
     decomposition_failures: int = 0
     """Decompositions that failed in float64 too (the previous one was kept)."""
     nonfinite_rejected: int = 0
-    """Factor statistics rejected because they held NaN or inf."""
+    """Factor statistics rejected because they held NaN or inf (counted on every rank)."""
     skipped_steps: int = 0
     """Steps the GradScaler skipped (overflowed gradients): nothing was folded."""
     kl_scale: float = 1.0
@@ -65,7 +81,7 @@ class KFACPreconditioner:
     """K-FAC natural gradients for a model's Linear / Conv2d / Embedding layers.
 
     Replaces their gradients by preconditioned ones under the EF, sampled-Fisher or iEF curvature
-    (see :class:`KFACConfig`).
+    (see :class:`KFACConfig`), on one process or spread over the ranks of a data-parallel job.
     """
 
     def __init__(
@@ -77,10 +93,13 @@ class KFACPreconditioner:
         grad_scaler: torch.amp.GradScaler | None = None,
         communicator: Communicator | None = None,
     ) -> None:
-        """Register the model's supported layers and hook them.
+        """Register the model's supported layers, plan who does what, and hook the layers.
 
         ``optimizer`` is read for each parameter's learning rate (needed by ``kl_clip``);
-        ``grad_scaler`` is the ``torch.amp.GradScaler`` of mixed-precision training, if any.
+        ``grad_scaler`` is the ``torch.amp.GradScaler`` of mixed-precision training, if any;
+        ``communicator`` defaults to torch.distributed's default group when it is initialised
+        (``config.transport="mpi"``: MPI's world), else a single process. A model wrapped in
+        ``DistributedDataParallel`` has its gradients averaged by DDP, not again here.
         """
         self.config = config if config is not None else KFACConfig()
         if self.config.kl_clip is not None and optimizer is None:
@@ -92,19 +111,36 @@ class KFACPreconditioner:
         self.model = model
         self.optimizer = optimizer
         self.grad_scaler = grad_scaler
-        self.comm: Communicator = communicator if communicator is not None else LocalCommunicator()
+        self.comm = communicator if communicator is not None else self._default_communicator()
+        self.collectives = Collectives(self.comm)
+        self.ddp = isinstance(model, DistributedDataParallel)
         self.layers, self.skipped = register_layers(model, self.config)
         if not self.layers:
             raise ValueError(
                 "KFACConfig.layer_types/include/skip: no module of the model can be preconditioned "
                 f"(left out: {self.skipped or 'no Linear, Conv2d or Embedding modules'})"
             )
+        self._by_name = {layer.name: layer for layer in self.layers}
+        self.device = self.layers[0].math.params(self.layers[0].module)[0].device
         shapes = [LayerShape(la.name, la.a_dim, la.g_dim, la.math.diagonal_a) for la in self.layers]
-        self.plan = round_robin(shapes, self.comm.world_size)
+        world = self.comm.world_size
+        grad_workers = grad_workers_for(self.config.placement, world, self.config.grad_worker_fraction)
+        self.plan = make_plan(shapes, world, self.config.assignment, grad_workers)
+        columns = [self.plan.column_ranks(c) for c in range(self.plan.columns)]
+        rows = [self.plan.row_ranks(j) for j in range(grad_workers)]
+        self._column_comm = self.comm.split(columns)
+        self._row_comm = self.comm.split(rows)
+        self.schedule: Schedule = self._make_schedule()
+        wide = self.config.factor_dtype == torch.float64
+        self._comm_dtype: torch.dtype = torch.float64 if wide else self.config.comm_dtype  # type: ignore[assignment]
+        self._inverse_dtype: torch.dtype = self.config.inverse_dtype  # type: ignore[assignment]
         self.stats = KFACStats()
+        self.timings: dict[str, float] = defaultdict(float)
+        """Seconds spent per phase, summed over steps (reset it at will)."""
+        self._rebroadcast = False
         self.capture = StatisticsCapture(self.layers, self.config, grad_scaler)
         self.capture.install(model)
-        self.capture.active = True
+        self.capture.capturing = self._capturing_at(0)
 
     # -- public --------------------------------------------------------------------------------
 
@@ -119,69 +155,151 @@ class KFACPreconditioner:
 
     @property
     def factor_step(self) -> bool:
-        """Whether the current step captures statistics."""
-        return self.stats.steps % self.config.factor_every == 0
+        """Whether the current step gathers statistics for any layer."""
+        return self.capture.active
+
+    def intervals(self) -> dict[Key, int]:
+        """The current refresh interval of every factor, in steps."""
+        return {key: self.schedule.interval(key) for key in self._keys()}
+
+    @property
+    def comm_bytes(self) -> dict[str, int]:
+        """Payload bytes this rank handed to collectives, by kind, since construction."""
+        return dict(self.collectives.bytes)
 
     def step(self) -> None:
         """Refresh what is due; replace each registered layer's ``.grad`` by its natural gradient."""
         step = self.stats.steps
-        if self.factor_step:
+        keys = self._keys()
+        fold = [k for k in keys if self.schedule.fold_due(k, step)]
+        due = [k for k in keys if self.schedule.decompose_due(k, step)]
+        self._timed("gradient_communication", self._average_gradients)
+        if fold:
             self._check_marked()
             if self._scaler_will_skip():
                 self.stats.skipped_steps += 1
-                for layer in self.layers:
-                    layer.pending_a.clear()
-                    layer.pending_g.clear()
+                fold = []
             else:
-                self._fold()
-        if step % self.config.inverse_every == 0:
-            self._refresh(self.config.damping_at(step))
-        self._precondition(self.config.damping_at(step))
+                self._timed("factor_communication", self._fold, fold, step)
+        for layer in self.layers:
+            layer.pending_a.clear()
+            layer.pending_g.clear()
+        if due or self._rebroadcast:
+            self._timed("decomposition", self._decompose, due, keys if self._rebroadcast else due, step)
+        self._timed("preconditioning", self._precondition, step)
         self.stats.steps += 1
         self.capture.reset()
-        self.capture.active = self.factor_step
+        self.capture.capturing = self._capturing_at(self.stats.steps)
+        self.timings["factor_computation"] += self.capture.take_seconds()
 
     def remove(self) -> None:
         """Remove the hooks; the model is left as it was."""
         self.capture.remove()
 
     def state_dict(self) -> dict[str, Any]:
-        """Factors and counters (decompositions are recomputed by :meth:`load_state_dict`)."""
+        """This rank's factors, the traces and refresh state, and the counters.
+
+        Decompositions are not saved: :meth:`load_state_dict` recomputes them from the factors
+        they were computed from, so the next step is identical to an uninterrupted run.
+        """
+        factors: dict[str, Tensor | float] = {}
+        for layer in self.layers:
+            for f in FACTORS:
+                factor = layer.factors[f]
+                name = f"{layer.name}/{f}"
+                if factor.running is not None:
+                    factors[name] = factor.running
+                if factor.decomposition is not None and factor.decomposed_from is not None:
+                    if factor.decomposed_from is not factor.running:
+                        factors[f"{name}/decomposed_from"] = factor.decomposed_from
+                    factors[f"{name}/decomposed_shift"] = factor.decomposed_shift
         state: dict[str, Any] = {
             "version": STATE_VERSION,
+            "world_size": self.comm.world_size,
+            "rank": self.comm.rank,
             "stats": asdict(self.stats),
-            "layers": {layer.name: layer.state_dict() for layer in self.layers},
+            "factors": factors,
+            "traces": {f"{la.name}/{f}": la.factors[f].trace for la in self.layers for f in FACTORS},
         }
+        if isinstance(self.schedule, AdaptiveSchedule):
+            policy = self.schedule.policy
+            state["refresh"] = {
+                "intervals": {f"{k[0]}/{k[1]}": v for k, v in policy.intervals.items()},  # type: ignore[index]
+                "last": {f"{k[0]}/{k[1]}": v for k, v in policy.last.items()},  # type: ignore[index]
+            }
         if self.capture.generator is not None:
             state["mc_generator"] = self.capture.generator.get_state()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore factors and counters from :meth:`state_dict`, and recompute decompositions.
+        """Restore :meth:`state_dict`'s output and recompute this rank's decompositions.
 
-        Raises ValueError naming the layer and entry when the state does not fit this model.
+        Raises ValueError naming the entry when the state does not fit this model and job.
         """
         if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            got = state.get("version") if isinstance(state, dict) else type(state).__name__
             raise ValueError(
-                f"KFAC state: version {state.get('version') if isinstance(state, dict) else state!r}"
-                f"; expected a dict from KFACPreconditioner.state_dict() with version {STATE_VERSION}"
+                f"KFAC state: version {got!r}; expected a dict from KFACPreconditioner.state_dict() "
+                f"with version {STATE_VERSION}"
             )
-        saved = state.get("layers", {})
-        names = {layer.name for layer in self.layers}
-        if set(saved) != names:
+        if state["world_size"] != self.comm.world_size or state["rank"] != self.comm.rank:
             raise ValueError(
-                f"KFAC state: layers {sorted(set(saved) ^ names)} are in only one of the "
-                "checkpoint and the model; expected the same registered layers"
+                f"KFAC state: written by rank {state['rank']} of {state['world_size']}; expected "
+                f"rank {self.comm.rank} of {self.comm.world_size} (factors are sharded by rank)"
             )
+        traces = state["traces"]
+        missing = sorted({f"{la.name}/{f}" for la in self.layers for f in FACTORS} ^ set(traces))
+        if missing:
+            raise ValueError(
+                f"KFAC state: layers {missing} are in only one of the checkpoint and the model; "
+                "expected the same registered layers"
+            )
+        factors = state["factors"]
+        for name, value in factors.items():
+            self._check_entry(name, value)
         for layer in self.layers:
-            self._load_layer(layer, saved[layer.name])
+            for f in FACTORS:
+                self._load_factor(layer, f, factors, traces[f"{layer.name}/{f}"])
         self.stats = KFACStats(**state["stats"])
+        if "refresh" in state and isinstance(self.schedule, AdaptiveSchedule):
+            policy = self.schedule.policy
+            policy.intervals = {tuple(k.rsplit("/", 1)): v for k, v in state["refresh"]["intervals"].items()}
+            policy.last = {tuple(k.rsplit("/", 1)): v for k, v in state["refresh"]["last"].items()}
         if "mc_generator" in state:
-            device = next(iter(self.model.parameters())).device
-            self.capture.generator = torch.Generator(device)
+            self.capture.generator = torch.Generator(self.device)
             self.capture.generator.set_state(state["mc_generator"])
+        self._rebroadcast = True
         self.capture.reset()
-        self.capture.active = self.factor_step
+        self.capture.capturing = self._capturing_at(self.stats.steps)
+
+    # -- set-up --------------------------------------------------------------------------------
+
+    def _default_communicator(self) -> Communicator:
+        if self.config.transport == "mpi":
+            from ngd_dist.distributed.mpi import MPICommunicator
+
+            return MPICommunicator()
+        return default_communicator()
+
+    def _make_schedule(self) -> Schedule:
+        c = self.config
+        if c.refresh == "fixed":
+            return FixedSchedule(c.factor_every, c.inverse_every)
+        policy = AdaptiveInterval(
+            initial=c.factor_every, cap=c.refresh_cap, low=c.refresh_low, high=c.refresh_high
+        )
+        return AdaptiveSchedule(policy)
+
+    def _keys(self) -> list[Key]:
+        return [(layer.name, f) for layer in self.layers for f in FACTORS]
+
+    def _capturing_at(self, step: int) -> set[str]:
+        return {name for name, f in self._keys() if self.schedule.fold_due((name, f), step)}
+
+    def _timed(self, phase: str, fn: Any, *args: Any) -> None:
+        start = time.perf_counter()
+        fn(*args)
+        self.timings[phase] += time.perf_counter() - start
 
     # -- one step ------------------------------------------------------------------------------
 
@@ -193,97 +311,264 @@ class KFACPreconditioner:
                 "KFACConfig(output_module=<name of the head module>)"
             )
 
+    def _grads(self) -> list[Tensor]:
+        return [p.grad for p in self.model.parameters() if p.grad is not None]
+
+    def _average_gradients(self) -> None:
+        """Average every gradient over the ranks in one bucket, unless DDP did it already."""
+        world = self.comm.world_size
+        if world == 1 or self.ddp:
+            return
+        grads = self._grads()
+        if not grads:
+            return
+        dtype = grads[0].dtype if all(g.dtype == grads[0].dtype for g in grads) else torch.float32
+        layout = Layout([Slot(i, tuple(g.shape)) for i, g in enumerate(grads)])
+        summed = self.collectives.all_reduce(layout, dict(enumerate(grads)), "gradients", dtype, self.device)
+        for i, g in enumerate(grads):
+            g.copy_(summed[i] / world)
+
     def _scaler_will_skip(self) -> bool:
         scaler = self.grad_scaler
         if scaler is None or not scaler.is_enabled():
             return False
-        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        if not grads:
-            return False
-        return not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        grads = self._grads()
+        return bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
 
-    def _fold(self) -> None:
-        """Average this step's statistics and fold the finite ones into the running factors."""
-        fresh: list[tuple[KFACLayer, str, Tensor]] = []
-        for layer in self.layers:
-            a, g = layer.pending_a.mean(), layer.pending_g.mean()
-            layer.pending_a.clear()
-            layer.pending_g.clear()
-            if a is not None and g is not None:
-                fresh += [(layer, "a", a), (layer, "g", g)]
-        if not fresh:
-            return
-        finite = torch.stack([torch.isfinite(t).all() for _, _, t in fresh]).tolist()
-        for (layer, name, tensor), ok in zip(fresh, finite, strict=True):
-            if ok:
-                layer.fold(name, tensor, self.config.factor_decay)
-            else:
-                self.stats.nonfinite_rejected += 1
-        self.stats.factor_refreshes += 1
-
-    def _refresh(self, damping: float) -> None:
-        """Recompute the decompositions this rank owns."""
-        for layer in self.layers:
-            if self.plan.layer_owner[layer.name] != self.comm.rank or layer.a is None:
+    def _fold(self, keys: list[Key], step: int) -> None:
+        """Sum due statistics to their owners and fold them; every rank makes the same decisions."""
+        rank, decay = self.comm.rank, self.config.factor_decay
+        meta_in: dict[Hashable, Tensor] = {}
+        for key in keys:
+            pending = self._factor(key).pending
+            if pending.total is None:
+                meta_in[key] = torch.zeros(3, dtype=torch.float64, device=self.device)
                 continue
-            ok, retried = layer.refresh(self.config.method, damping, self.config.inverse_dtype)  # type: ignore[arg-type]
+            total = pending.total
+            diag = total if total.dim() == 1 else total.diagonal()
+            flag = (~torch.isfinite(total).all()).double()
+            meta_in[key] = torch.stack([diag.sum().double(), total.new_tensor(pending.count).double(), flag])
+        layout = Layout([Slot(key, (3,)) for key in keys])
+        meta = self.collectives.all_reduce(layout, meta_in, "meta", torch.float64, self.device)
+        values = {key: meta[key].tolist() for key in keys}
+        reduced: dict[Hashable, Tensor] = {}
+        for owner in range(self.comm.world_size):
+            mine = [k for k in keys if self.plan.owner(*k) == owner and values[k][1] > 0]
+            slots = [
+                Slot(k, self._by_name[k[0]].shape(k[1]), symmetric=len(self._by_name[k[0]].shape(k[1])) == 2)
+                for k in mine
+            ]
+            totals = {k: self._factor(k).pending.total for k in mine}
+            result = self.collectives.reduce(
+                Layout(slots),
+                {k: t for k, t in totals.items() if t is not None},
+                owner,
+                "factors",
+                self._comm_dtype,
+                self.device,
+            )
+            if result is not None:
+                reduced.update(result)
+        changes: dict[Hashable, Tensor] = {}
+        accepted: list[Key] = []
+        for key in keys:
+            trace_sum, count, nonfinite = values[key]
+            if count == 0:
+                continue
+            if nonfinite > 0 or not math.isfinite(trace_sum):
+                self.stats.nonfinite_rejected += 1
+                continue
+            accepted.append(key)
+            factor = self._factor(key)
+            factor.fold_trace(trace_sum / count, decay)
+            if self.plan.owner(*key) == rank:
+                old = factor.running
+                factor.fold(reduced[key].to(self._accumulation_dtype(key)) / count, decay)
+                middle = (self.config.refresh_low + self.config.refresh_high) / 2
+                change = middle if old is None else relative_change(factor.running, old)  # type: ignore[arg-type]
+                changes[key] = torch.tensor([change], dtype=torch.float64)
+        if accepted:
+            self.stats.factor_refreshes += 1
+        if isinstance(self.schedule, AdaptiveSchedule) and accepted:
+            layout = Layout([Slot(key, (1,)) for key in accepted])
+            shared = self.collectives.all_reduce(layout, changes, "meta", torch.float64, self.device)
+            for key in accepted:
+                self.schedule.observe(key, step, float(shared[key]))
+
+    def _accumulation_dtype(self, key: Key) -> torch.dtype:
+        return torch.float64 if self.config.factor_dtype == torch.float64 else torch.float32
+
+    def _factor(self, key: Hashable) -> Factor:
+        assert isinstance(key, tuple)
+        return self._by_name[key[0]].factors[key[1]]
+
+    def _shift(self, key: Key, damping: float) -> float:
+        layer = self._by_name[key[0]]
+        trace_a = layer.factors["a"].trace or 0.0
+        trace_g = layer.factors["g"].trace or 0.0
+        shift_a, shift_g = inverse_shifts(trace_a, layer.a_dim, trace_g, layer.g_dim, damping)
+        return shift_a if key[1] == "a" else shift_g
+
+    def _decompose(self, due: list[Key], keys: list[Key], step: int) -> None:
+        """Owners decompose their ``due`` factors, then send ``keys`` to their column.
+
+        ``keys`` are the due factors, or all of them after a checkpoint was loaded.
+        """
+        rank, damping = self.comm.rank, self.config.damping_at(step)
+        self._rebroadcast = False
+        for key in due:
+            factor = self._factor(key)
+            if self.plan.owner(*key) != rank or factor.running is None:
+                continue
+            shift = self._shift(key, damping)
+            result, retried = decompose(
+                factor.running,
+                self.config.method,
+                shift,
+                self._inverse_dtype,
+            )
             self.stats.decompositions += 1
             self.stats.decomposition_retries += int(retried)
-            self.stats.decomposition_failures += int(not ok)
+            self.stats.decomposition_failures += int(result is None)
+            if result is not None:
+                factor.decomposition = result
+                factor.decomposed_from, factor.decomposed_shift = factor.running, shift
+        if self.plan.grad_workers == 1:
+            return
+        column = self.plan.column_of(rank)
+        members = self.plan.column_ranks(column)
+        mine = [k for k in keys if self.plan.layer_column[k[0]] == column]
+        for src, owner in enumerate(members):
+            sent = [k for k in mine if self.plan.owner(*k) == owner]
+            if not sent:
+                continue
+            layout = Layout([slot for k in sent for slot in self._decomposition_slots(k)])
+            payload: dict[Hashable, Tensor] = {}
+            if owner == rank:
+                for k in sent:
+                    payload.update(self._decomposition_tensors(k))
+            received = self.collectives.broadcast(
+                layout,
+                payload,
+                src,
+                "decompositions",
+                self._inverse_dtype,
+                self.device,
+            )
+            if owner != rank:
+                for k in sent:
+                    self._receive_decomposition(k, received)
+
+    def _decomposition_slots(self, key: Key) -> list[Slot]:
+        n = self._by_name[key[0]].shape(key[1])[0]
+        diagonal = len(self._by_name[key[0]].shape(key[1])) == 1
+        if self.config.method == "eigen":
+            slots = [Slot((key, "v"), (n,))] + ([] if diagonal else [Slot((key, "q"), (n, n))])
+        else:
+            slots = [Slot((key, "inv"), (n,) if diagonal else (n, n), symmetric=not diagonal)]
+        return [*slots, Slot((key, "ok"), (1,))]
+
+    def _decomposition_tensors(self, key: Key) -> dict[Hashable, Tensor]:
+        d: Decomposition | None = self._factor(key).decomposition
+        if d is None:
+            return {}
+        out: dict[Hashable, Tensor] = {(key, "ok"): torch.ones(1)}
+        if isinstance(d, Eigen):
+            out[(key, "v")] = d.v
+            if d.q is not None:
+                out[(key, "q")] = d.q
+        else:
+            out[(key, "inv")] = d.inv
+        return out
+
+    def _receive_decomposition(self, key: Key, received: dict[Hashable, Tensor]) -> None:
+        if float(received[(key, "ok")]) != 1.0:
+            return
+        if self.config.method == "eigen":
+            self._factor(key).decomposition = Eigen(received.get((key, "q")), received[(key, "v")])
+        else:
+            self._factor(key).decomposition = Inverse(received[(key, "inv")])
 
     def _learning_rates(self) -> dict[int, float]:
         if self.optimizer is None:
             return {}
         return {id(p): float(group["lr"]) for group in self.optimizer.param_groups for p in group["params"]}
 
-    def _precondition(self, damping: float) -> None:
+    def _precondition(self, step: int) -> None:
+        damping = self.config.damping_at(step)
         self.stats.damping = damping
-        updates: list[tuple[KFACLayer, Tensor, Tensor]] = []
-        for layer in self.layers:
-            if layer.decomposition is None:
+        rank = self.comm.rank
+        column = self.plan.column_of(rank)
+        grads = {la.name: la.math.grad_matrix(la.module) for la in self.layers}
+        present = [la for la in self.layers if grads[la.name] is not None]
+        updates: dict[Hashable, Tensor] = {}
+        for layer in present:
+            if self.plan.layer_column[layer.name] != column:
                 continue
-            grad = layer.math.grad_matrix(layer.module)
-            if grad is None:
-                continue
-            updates.append((layer, grad, layer.decomposition.apply(grad, damping)))
+            grad = grads[layer.name]
+            assert grad is not None
+            a, g = layer.factors["a"].decomposition, layer.factors["g"].decomposition
+            updates[layer.name] = grad if a is None or g is None else precondition(a, g, grad, damping)
+        if self.plan.columns > 1:
+            for src in range(self.plan.columns):
+                sent = [la for la in present if self.plan.layer_column[la.name] == src]
+                if not sent:
+                    continue
+                layout = Layout([Slot(la.name, (la.g_dim, la.a_dim)) for la in sent])
+                dtype = grads[sent[0].name].dtype  # type: ignore[union-attr]
+                received = self.collectives.broadcast(
+                    layout, updates if src == column else {}, src, "preconditioned", dtype, self.device
+                )
+                if src != column:
+                    updates.update(received)
         if not updates:
             return
         scale = 1.0
         if self.config.kl_clip is not None:
             lrs = self._learning_rates()
             terms = []
-            for layer, grad, precond in updates:
+            for layer in present:
                 lr = lrs.get(id(layer.math.params(layer.module)[0]), 0.0)
-                terms.append((precond * grad).sum().float() * lr**2)
+                grad = grads[layer.name]
+                assert grad is not None
+                terms.append((updates[layer.name] * grad).sum().float() * lr**2)
             vg = float(torch.stack(terms).sum())
             if vg > 0 and math.isfinite(vg):
                 scale = min(1.0, math.sqrt(self.config.kl_clip / vg))
         self.stats.kl_scale = scale
-        for layer, _, precond in updates:
-            layer.math.set_grad(layer.module, precond * scale if scale != 1.0 else precond)
+        for layer in present:
+            update = updates[layer.name]
+            layer.math.set_grad(layer.module, update * scale if scale != 1.0 else update)
 
-    def _load_layer(self, layer: KFACLayer, saved: dict[str, Any]) -> None:
-        shapes = {
-            "a": (layer.a_dim,) if layer.math.diagonal_a else (layer.a_dim, layer.a_dim),
-            "g": (layer.g_dim, layer.g_dim),
-        }
-        for key, value in saved.items():
-            if key == "decomposed_damping":
-                continue
-            want = shapes[key.removeprefix("decomposed_")]
-            if not isinstance(value, Tensor) or tuple(value.shape) != want:
-                got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-                raise ValueError(f"KFAC state: layers.{layer.name}.{key} has shape {got}; expected {want}")
-        device = layer.math.params(layer.module)[0].device
-        layer.a = saved["a"].to(device) if "a" in saved else None
-        layer.g = saved["g"].to(device) if "g" in saved else None
-        layer.decomposition, layer.decomposed_from = None, None
-        if "decomposed_damping" not in saved:
+    def _check_entry(self, name: str, value: Any) -> None:
+        layer_name, _, rest = name.partition("/")
+        factor, _, kind = rest.partition("/")
+        if (
+            layer_name not in self._by_name
+            or factor not in FACTORS
+            or kind not in ("", "decomposed_from", "decomposed_shift")
+        ):
+            raise ValueError(f"KFAC state: factors.{name} is not a factor of this model's registered layers")
+        if kind == "decomposed_shift":
             return
-        a = saved["decomposed_a"].to(device) if "decomposed_a" in saved else layer.a
-        g = saved["decomposed_g"].to(device) if "decomposed_g" in saved else layer.g
-        assert a is not None and g is not None
-        damping = float(saved["decomposed_damping"])
-        result, _ = decompose(a, g, self.config.method, damping, self.config.inverse_dtype)  # type: ignore[arg-type]
-        layer.decomposition, layer.decomposed_from = result, (a, g)
-        layer.decomposed_damping = damping
+        want = self._by_name[layer_name].shape(factor)
+        if not isinstance(value, Tensor) or tuple(value.shape) != want:
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"KFAC state: factors.{name} has shape {got}; expected {want}")
+
+    def _load_factor(self, layer: KFACLayer, f: str, factors: dict[str, Any], trace: float | None) -> None:
+        factor = layer.factors[f]
+        name = f"{layer.name}/{f}"
+        factor.running = factors[name].to(self.device) if name in factors else None
+        factor.trace = trace
+        factor.decomposition, factor.decomposed_from = None, None
+        if f"{name}/decomposed_shift" not in factors:
+            return
+        source = (
+            factors[f"{name}/decomposed_from"].to(self.device)
+            if f"{name}/decomposed_from" in factors
+            else factor.running
+        )
+        shift = float(factors[f"{name}/decomposed_shift"])
+        result, _ = decompose(source, self.config.method, shift, self._inverse_dtype)  # type: ignore[arg-type]
+        factor.decomposition, factor.decomposed_from, factor.decomposed_shift = result, source, shift

@@ -70,3 +70,53 @@ class AdaptiveInterval:
         self.intervals[key] = current
         self.last[key] = step
         return current
+
+
+class FixedSchedule:
+    """Every factor folded every ``factor_every`` steps and decomposed every ``inverse_every``."""
+
+    def __init__(self, factor_every: int, inverse_every: int) -> None:
+        """Use the two fixed periods."""
+        self.factor_every, self.inverse_every = factor_every, inverse_every
+
+    def fold_due(self, key: Hashable, step: int) -> bool:
+        """Whether ``key``'s statistics are captured and folded at ``step``."""
+        return step % self.factor_every == 0
+
+    def decompose_due(self, key: Hashable, step: int) -> bool:
+        """Whether ``key`` is decomposed at ``step``."""
+        return step % self.inverse_every == 0
+
+    def observe(self, key: Hashable, step: int, change: float) -> None:
+        """Fixed periods ignore how much factors change."""
+
+    def interval(self, key: Hashable) -> int:
+        """The refresh interval of ``key``: the decomposition period."""
+        return self.inverse_every
+
+
+class AdaptiveSchedule:
+    """Each factor refreshed (captured, folded and decomposed) at its own adaptive interval."""
+
+    def __init__(self, policy: AdaptiveInterval) -> None:
+        """Drive refreshes by ``policy``."""
+        self.policy = policy
+
+    def fold_due(self, key: Hashable, step: int) -> bool:
+        """Whether ``key`` is due for a refresh at ``step``."""
+        return self.policy.due(key, step)
+
+    def decompose_due(self, key: Hashable, step: int) -> bool:
+        """A refreshed factor is decomposed in the same step."""
+        return self.policy.due(key, step)
+
+    def observe(self, key: Hashable, step: int, change: float) -> None:
+        """Adapt ``key``'s interval to the relative change of its refresh."""
+        self.policy.observe(key, step, change)
+
+    def interval(self, key: Hashable) -> int:
+        """The current interval of ``key``."""
+        return self.policy.interval(key)
+
+
+Schedule = FixedSchedule | AdaptiveSchedule

@@ -62,8 +62,12 @@ def test_load_state_dict_rejects_a_state_for_another_model() -> None:
     with pytest.raises(ValueError, match="layers"):
         other.load_state_dict(state)
     bad = copy.deepcopy(state)
-    bad["layers"]["0"]["a"] = torch.zeros(3, 3)
-    with pytest.raises(ValueError, match=r"layers\.0\.a has shape \(3, 3\); expected \(9, 9\)"):
+    bad["factors"]["0/a"] = torch.zeros(3, 3)
+    with pytest.raises(ValueError, match=r"factors\.0/a has shape \(3, 3\); expected \(9, 9\)"):
+        pc.load_state_dict(bad)
+    bad = copy.deepcopy(state)
+    bad["world_size"] = 2
+    with pytest.raises(ValueError, match=r"written by rank 0 of 2; expected rank 0 of 1"):
         pc.load_state_dict(bad)
     with pytest.raises(ValueError, match="version"):
         pc.load_state_dict({"layers": {}})
@@ -142,7 +146,7 @@ def test_grad_scaler_scale_does_not_change_ef_factors() -> None:
 def test_decomposition_retries_in_float64_and_keeps_the_last_good_one(monkeypatch) -> None:
     model, opt, pc = _setup(factor_every=1, inverse_every=1)
     _train(model, opt, pc, 1)
-    good = pc.layers[0].decomposition
+    good = pc.layers[0].factors["g"].decomposition
     real_eigh = torch.linalg.eigh
     calls = {"float32": 0, "float64": 0}
 
@@ -154,18 +158,19 @@ def test_decomposition_retries_in_float64_and_keeps_the_last_good_one(monkeypatc
 
     monkeypatch.setattr(torch.linalg, "eigh", flaky_eigh)
     _train(model, opt, pc, 1, start=1)
-    assert pc.stats.decomposition_retries == 2 and pc.stats.decomposition_failures == 0
-    assert pc.layers[0].decomposition.q_g.dtype == torch.float64
-    assert calls["float64"] >= 2
+    assert pc.stats.decomposition_retries == 4 and pc.stats.decomposition_failures == 0  # 2 layers x A, G
+    assert calls["float64"] == 4
+    retried = pc.layers[0].factors["g"].decomposition
+    assert retried is not good and retried.q.dtype == torch.float32  # cast back to inverse_dtype
 
     def broken_eigh(x, *args, **kwargs):
         raise torch.linalg.LinAlgError("simulated failure to converge")
 
     monkeypatch.setattr(torch.linalg, "eigh", broken_eigh)
-    kept = pc.layers[0].decomposition
+    kept = pc.layers[0].factors["g"].decomposition
     _train(model, opt, pc, 1, start=2)
-    assert pc.stats.decomposition_failures == 2
-    assert pc.layers[0].decomposition is kept and kept is not good
+    assert pc.stats.decomposition_failures == 4
+    assert pc.layers[0].factors["g"].decomposition is kept
 
 
 def test_statistics_are_captured_only_on_factor_steps() -> None:
@@ -176,4 +181,4 @@ def test_statistics_are_captured_only_on_factor_steps() -> None:
         _train(model, opt, pc, 1, start=i)
     assert seen == [True, False, False, True, False, False, True]
     assert pc.stats.factor_refreshes == 3
-    assert pc.stats.decompositions == 3 * len(pc.layers)
+    assert pc.stats.decompositions == 3 * 2 * len(pc.layers)  # A and G of each layer

@@ -17,6 +17,7 @@ with the right logits. Hooks run with autocast off and accumulate in float32.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -54,14 +55,15 @@ class StatisticsCapture:
         self.layers = layers
         self.config = config
         self.grad_scaler = grad_scaler
-        self.active = False
-        """Set by the preconditioner on steps that refresh factors; hooks do nothing otherwise."""
+        self.capturing: set[str] = set()
+        """Names of the layers whose statistics this step gathers (set by the preconditioner)."""
         self.missing_mark = False
         """An iEF backward reached a layer whose forward pass never marked its logits."""
         self.generator: torch.Generator | None = None
         self._pass: _Pass | None = None
         self._scale: float | None = None
         self._handles: list[RemovableHandle] = []
+        self._seconds = 0.0
 
     def install(self, model: nn.Module) -> None:
         """Hook every registered module, then the output module named in the config (if any)."""
@@ -90,6 +92,16 @@ class StatisticsCapture:
         self._scale = None
         self.missing_mark = False
 
+    def take_seconds(self) -> float:
+        """Seconds spent computing statistics in the hooks since the last call."""
+        seconds, self._seconds = self._seconds, 0.0
+        return seconds
+
+    @property
+    def active(self) -> bool:
+        """Whether any layer gathers statistics this step."""
+        return bool(self.capturing)
+
     def unmarked(self) -> bool:
         """Whether this step saw a forward pass whose logits were never marked."""
         pending = self._pass is not None and not self._pass.marked and bool(self._pass.outputs)
@@ -97,9 +109,10 @@ class StatisticsCapture:
 
     # -- forward -------------------------------------------------------------------------------
 
-    def _capturing(self, module: nn.Module | None = None) -> bool:
-        training = module.training if module is not None else True
-        return self.active and torch.is_grad_enabled() and training
+    def _capturing(self, layer: KFACLayer | None = None) -> bool:
+        if layer is None:
+            return bool(self.capturing) and torch.is_grad_enabled()
+        return layer.name in self.capturing and torch.is_grad_enabled() and layer.module.training
 
     def _current_pass(self) -> _Pass:
         if self._pass is None or self._pass.marked:
@@ -107,12 +120,14 @@ class StatisticsCapture:
         return self._pass
 
     def _on_forward(self, layer: KFACLayer, module: nn.Module, args: tuple, output: Tensor) -> None:
-        if not self._capturing(module):
+        if not self._capturing(layer):
             return
+        start = time.perf_counter()
         x = args[0].detach()
         with torch.autocast(x.device.type, enabled=False):
             total, rows = layer.math.a_statistic(module, x, self.config.factor_dtype)  # type: ignore[arg-type]
         layer.pending_a.add(total, rows)
+        self._seconds += time.perf_counter() - start
         if not output.requires_grad:
             return
         current = self._current_pass()
@@ -151,9 +166,11 @@ class StatisticsCapture:
         return rows / self._loss_scale()
 
     def _add_g(self, layer: KFACLayer, g_rows: Tensor, weights: Tensor | None, scale: float) -> None:
+        start = time.perf_counter()
         with torch.autocast(g_rows.device.type, enabled=False):
             total = g_statistic(g_rows, weights, scale, self.config.factor_dtype)  # type: ignore[arg-type]
         layer.pending_g.add(total, layer.math.samples(g_rows))
+        self._seconds += time.perf_counter() - start
 
     def _on_output_grad(self, layer: KFACLayer, current: _Pass, grad: Tensor) -> None:
         g_rows = layer.math.g_rows(layer.module, grad.detach())

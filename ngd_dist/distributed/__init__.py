@@ -1,6 +1,6 @@
 """Who computes what across ranks, and how tensors travel between them."""
 
-from ngd_dist.distributed.assignment import LayerShape, WorkPlan, greedy, round_robin
-from ngd_dist.distributed.comm import Communicator, LocalCommunicator
+from ngd_dist.distributed.assignment import LayerShape, WorkPlan, make_plan
+from ngd_dist.distributed.comm import Communicator, LocalCommunicator, TorchCommunicator
 
-__all__ = ["Communicator", "LayerShape", "LocalCommunicator", "WorkPlan", "greedy", "round_robin"]
+__all__ = ["Communicator", "LayerShape", "LocalCommunicator", "TorchCommunicator", "WorkPlan", "make_plan"]
