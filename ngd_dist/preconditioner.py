@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from collections.abc import Hashable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -128,8 +128,8 @@ class KFACPreconditioner:
         self.plan = make_plan(shapes, world, self.config.assignment, grad_workers)
         columns = [self.plan.column_ranks(c) for c in range(self.plan.columns)]
         rows = [self.plan.row_ranks(j) for j in range(grad_workers)]
-        self._column_comm = self.comm.split(columns)
-        self._row_comm = self.comm.split(rows)
+        self._column = self.collectives.on(self.comm.split(columns))
+        self._row = self.collectives.on(self.comm.split(rows))
         self.schedule: Schedule = self._make_schedule()
         wide = self.config.factor_dtype == torch.float64
         self._comm_dtype: torch.dtype = torch.float64 if wide else self.config.comm_dtype  # type: ignore[assignment]
@@ -138,6 +138,8 @@ class KFACPreconditioner:
         self.timings: dict[str, float] = defaultdict(float)
         """Seconds spent per phase, summed over steps (reset it at will)."""
         self._rebroadcast = False
+        self.decomposed: Counter[Key] = Counter()
+        """How many times this rank decomposed each factor."""
         self.capture = StatisticsCapture(self.layers, self.config, grad_scaler)
         self.capture.install(model)
         self.capture.capturing = self._capturing_at(0)
@@ -428,6 +430,7 @@ class KFACPreconditioner:
                 self._inverse_dtype,
             )
             self.stats.decompositions += 1
+            self.decomposed[key] += 1
             self.stats.decomposition_retries += int(retried)
             self.stats.decomposition_failures += int(result is None)
             if result is not None:
@@ -447,7 +450,7 @@ class KFACPreconditioner:
             if owner == rank:
                 for k in sent:
                     payload.update(self._decomposition_tensors(k))
-            received = self.collectives.broadcast(
+            received = self._column.broadcast(
                 layout,
                 payload,
                 src,
@@ -516,7 +519,7 @@ class KFACPreconditioner:
                     continue
                 layout = Layout([Slot(la.name, (la.g_dim, la.a_dim)) for la in sent])
                 dtype = grads[sent[0].name].dtype  # type: ignore[union-attr]
-                received = self.collectives.broadcast(
+                received = self._row.broadcast(
                     layout, updates if src == column else {}, src, "preconditioned", dtype, self.device
                 )
                 if src != column:

@@ -82,6 +82,12 @@ class Collectives:
         self.bytes: Counter[str] = Counter()
         self.calls: Counter[str] = Counter()
 
+    def on(self, comm: Communicator) -> Collectives:
+        """The same collectives over another communicator (a subgroup), same counters."""
+        view = Collectives(comm)
+        view.bytes, view.calls = self.bytes, self.calls
+        return view
+
     def _count(self, kind: str, buffer: Tensor) -> None:
         if self.comm.world_size > 1:
             self.bytes[kind] += buffer.numel() * buffer.element_size()
