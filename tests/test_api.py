@@ -100,3 +100,22 @@ def test_remove_detaches_hooks() -> None:
     pc.remove()
     model(torch.randn(5, 4))
     assert pc.layers[0].pending_a.count == 0
+
+
+def test_float16_statistics_do_not_overflow() -> None:
+    """Large iEF weights meet small gradients in float32; long row sums are scaled before the product."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    pc = KFACPreconditioner(model, KFACConfig(curvature="ief", factor_dtype="float16", kl_clip=None, output_module="2"))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    with torch.no_grad():
+        model[2].bias[y[0]] += 12.0  # sample 0 well fitted: s_0 ~ 1e-10, weight ~ 1e10
+    F.cross_entropy(model(x), y).backward()
+    pc.step()
+    assert pc.stats.nonfinite_rejected == 0 and all(torch.isfinite(layer.g).all() for layer in pc.layers)
+
+    layer = nn.Linear(3, 2)
+    pc = KFACPreconditioner(layer, KFACConfig(curvature="ef", factor_dtype="float16", kl_clip=None))
+    layer(torch.ones(70000, 3)).mean().backward()
+    pc.step()
+    torch.testing.assert_close(pc.layers[0].a, torch.ones(4, 4), rtol=2e-3, atol=0)

@@ -72,28 +72,42 @@ def _bias_column(x: Tensor) -> Tensor:
     return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
 
 
+def gram(rows: Tensor, dtype: torch.dtype) -> Tensor:
+    """``rows^T rows`` computed in ``dtype`` and returned in the accumulation dtype.
+
+    In float16 the rows are scaled by ``1/sqrt(n)`` before the product and the mean scaled back
+    after it in float32, so a sum over many rows cannot overflow float16's range.
+    """
+    acc = accumulation_dtype(dtype)
+    if dtype != torch.float16:
+        x = rows.to(dtype)
+        return (x.t() @ x).to(acc)
+    n = max(rows.shape[0], 1)
+    x = (rows.float() / math.sqrt(n)).to(dtype)
+    return (x.t() @ x).to(acc) * n
+
+
 def g_statistic(g_rows: Tensor, weights: Tensor | None, scale: float, dtype: torch.dtype) -> Tensor:
-    """Sum over rows of ``w_r (c g_r)(c g_r)^T`` in float32.
+    """Sum over rows of ``w_r (c g_r)(c g_r)^T``, in the accumulation dtype.
 
     ``weights`` has the shape of a prefix of ``g_rows``' leading dims (one weight per sample, or per
     token) and is broadcast over the rest; ``scale`` c turns the captured gradients into per-sample
-    units (see :class:`ngd_dist.KFACConfig.loss_reduction`).
+    units (see :class:`ngd_dist.KFACConfig.loss_reduction`). Rows are scaled by ``c sqrt(w_r)`` in
+    float32 (or wider) before the product, so large iEF weights meet only small gradients.
     """
     d = g_rows.shape[-1]
-    g = g_rows.to(dtype) * scale
-    flat = g.reshape(-1, d)
-    if weights is None:
-        return (flat.t() @ flat).to(accumulation_dtype(dtype))
-    lead = g_rows.shape[:-1]
-    if tuple(lead[: weights.dim()]) != tuple(weights.shape):
-        raise ValueError(
-            f"iEF weights of shape {tuple(weights.shape)} (the marked logits' leading dims) do not "
-            f"match a layer whose output rows have shape {tuple(lead)}: mark the logits of this "
-            "model's loss, whose leading dims must prefix every registered layer's"
-        )
-    w = weights.reshape(*weights.shape, *([1] * (len(lead) - weights.dim()))).expand(lead)
-    weighted = flat * w.reshape(-1, 1).to(flat.dtype)
-    return (weighted.t() @ flat).to(accumulation_dtype(dtype))
+    flat = g_rows.reshape(-1, d).to(accumulation_dtype(dtype)) * scale
+    if weights is not None:
+        lead = g_rows.shape[:-1]
+        if tuple(lead[: weights.dim()]) != tuple(weights.shape):
+            raise ValueError(
+                f"iEF weights of shape {tuple(weights.shape)} (the marked logits' leading dims) do not "
+                f"match a layer whose output rows have shape {tuple(lead)}: mark the logits of this "
+                "model's loss, whose leading dims must prefix every registered layer's"
+            )
+        w = weights.reshape(*weights.shape, *([1] * (len(lead) - weights.dim()))).expand(lead)
+        flat = flat * w.reshape(-1, 1).to(flat.dtype).sqrt()
+    return gram(flat, dtype)
 
 
 class _WeightBiasMath(ModuleMath):
@@ -140,10 +154,10 @@ class LinearMath(_WeightBiasMath):
 
     def a_statistic(self, module: nn.Module, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
         """Sum of ``a a^T`` over all rows."""
-        a = x.reshape(-1, x.shape[-1]).to(dtype)
+        a = x.reshape(-1, x.shape[-1])
         if module.bias is not None:
             a = _bias_column(a)
-        return (a.t() @ a).to(accumulation_dtype(dtype)), a.shape[0]
+        return gram(a, dtype), a.shape[0]
 
     def g_rows(self, module: nn.Module, grad_output: Tensor) -> Tensor:
         """The output gradient as it is: ``(*lead, d_out)``."""
@@ -187,7 +201,7 @@ class Conv2dMath(_WeightBiasMath):
         a = self.patches(module, x.to(dtype)).reshape(-1, self.a_dim(module) - (module.bias is not None))
         if module.bias is not None:
             a = _bias_column(a)
-        return (a.t() @ a).to(accumulation_dtype(dtype)), a.shape[0]
+        return gram(a, dtype), a.shape[0]
 
     def g_rows(self, module: nn.Module, grad_output: Tensor) -> Tensor:
         """``(B, C, H, W)`` to ``(B, H, W, C)``."""
