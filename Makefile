@@ -6,10 +6,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
+SYSTEM_PACKAGES := openmpi-bin libopenmpi-dev
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench clean system-packages
 
-$(STAMP): pyproject.toml
+# Open MPI (for mpirun and mpi4py) from Debian's packages, installed once when missing (needs root).
+system-packages:
+	@command -v mpirun >/dev/null && command -v mpicc >/dev/null || { \
+	  echo "installing $(SYSTEM_PACKAGES)"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); }
+
+$(STAMP): pyproject.toml | system-packages
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,bench]'

@@ -43,6 +43,7 @@ def _config(scenario: dict, head: str) -> KFACConfig:
         assignment=scenario["assignment"],
         refresh=scenario["refresh"],
         comm_dtype=scenario.get("comm_dtype", "float32"),
+        transport=scenario.get("transport", "torch"),
         factor_every=1,
         inverse_every=2,
         refresh_low=0.02,
