@@ -44,8 +44,10 @@ from ngd_dist.curvature.capture import StatisticsCapture
 from ngd_dist.distributed.assignment import FACTORS, LayerShape, grad_workers_for, make_plan
 from ngd_dist.distributed.buckets import Collectives, Layout, Slot
 from ngd_dist.distributed.comm import Communicator, default_communicator
-from ngd_dist.layer import Factor, KFACLayer
-from ngd_dist.linalg import Decomposition, Eigen, Inverse, decompose, inverse_shifts, precondition
+from ngd_dist.distributed.wire import decomposition_slots, decomposition_tensors, received_decomposition
+from ngd_dist.factor_state import check_factors_state, factors_state, load_factors_state
+from ngd_dist.layer import Factor
+from ngd_dist.linalg import decompose, inverse_shifts, precondition
 from ngd_dist.registry import register_layers
 from ngd_dist.staleness import AdaptiveInterval, AdaptiveSchedule, FixedSchedule, Schedule, relative_change
 
@@ -204,23 +206,12 @@ class KFACPreconditioner:
         Decompositions are not saved: :meth:`load_state_dict` recomputes them from the factors
         they were computed from, so the next step is identical to an uninterrupted run.
         """
-        factors: dict[str, Tensor | float] = {}
-        for layer in self.layers:
-            for f in FACTORS:
-                factor = layer.factors[f]
-                name = f"{layer.name}/{f}"
-                if factor.running is not None:
-                    factors[name] = factor.running
-                if factor.decomposition is not None and factor.decomposed_from is not None:
-                    if factor.decomposed_from is not factor.running:
-                        factors[f"{name}/decomposed_from"] = factor.decomposed_from
-                    factors[f"{name}/decomposed_shift"] = factor.decomposed_shift
         state: dict[str, Any] = {
             "version": STATE_VERSION,
             "world_size": self.comm.world_size,
             "rank": self.comm.rank,
             "stats": asdict(self.stats),
-            "factors": factors,
+            "factors": factors_state(self.layers),
             "traces": {f"{la.name}/{f}": la.factors[f].trace for la in self.layers for f in FACTORS},
         }
         if isinstance(self.schedule, AdaptiveSchedule):
@@ -256,12 +247,10 @@ class KFACPreconditioner:
                 f"KFAC state: layers {missing} are in only one of the checkpoint and the model; "
                 "expected the same registered layers"
             )
-        factors = state["factors"]
-        for name, value in factors.items():
-            self._check_entry(name, value)
-        for layer in self.layers:
-            for f in FACTORS:
-                self._load_factor(layer, f, factors, traces[f"{layer.name}/{f}"])
+        check_factors_state(self.layers, state["factors"])
+        load_factors_state(
+            self.layers, state["factors"], traces, self.config.method, self._inverse_dtype, self.device
+        )
         self.stats = KFACStats(**state["stats"])
         if "refresh" in state and isinstance(self.schedule, AdaptiveSchedule):
             policy = self.schedule.policy
@@ -445,11 +434,14 @@ class KFACPreconditioner:
             sent = [k for k in mine if self.plan.owner(*k) == owner]
             if not sent:
                 continue
-            layout = Layout([slot for k in sent for slot in self._decomposition_slots(k)])
+            method = self.config.method
+            layout = Layout(
+                [s for k in sent for s in decomposition_slots(k, self._by_name[k[0]].shape(k[1]), method)]
+            )
             payload: dict[Hashable, Tensor] = {}
             if owner == rank:
                 for k in sent:
-                    payload.update(self._decomposition_tensors(k))
+                    payload.update(decomposition_tensors(k, self._factor(k).decomposition))
             received = self._column.broadcast(
                 layout,
                 payload,
@@ -460,37 +452,9 @@ class KFACPreconditioner:
             )
             if owner != rank:
                 for k in sent:
-                    self._receive_decomposition(k, received)
-
-    def _decomposition_slots(self, key: Key) -> list[Slot]:
-        n = self._by_name[key[0]].shape(key[1])[0]
-        diagonal = len(self._by_name[key[0]].shape(key[1])) == 1
-        if self.config.method == "eigen":
-            slots = [Slot((key, "v"), (n,))] + ([] if diagonal else [Slot((key, "q"), (n, n))])
-        else:
-            slots = [Slot((key, "inv"), (n,) if diagonal else (n, n), symmetric=not diagonal)]
-        return [*slots, Slot((key, "ok"), (1,))]
-
-    def _decomposition_tensors(self, key: Key) -> dict[Hashable, Tensor]:
-        d: Decomposition | None = self._factor(key).decomposition
-        if d is None:
-            return {}
-        out: dict[Hashable, Tensor] = {(key, "ok"): torch.ones(1)}
-        if isinstance(d, Eigen):
-            out[(key, "v")] = d.v
-            if d.q is not None:
-                out[(key, "q")] = d.q
-        else:
-            out[(key, "inv")] = d.inv
-        return out
-
-    def _receive_decomposition(self, key: Key, received: dict[Hashable, Tensor]) -> None:
-        if float(received[(key, "ok")]) != 1.0:
-            return
-        if self.config.method == "eigen":
-            self._factor(key).decomposition = Eigen(received.get((key, "q")), received[(key, "v")])
-        else:
-            self._factor(key).decomposition = Inverse(received[(key, "inv")])
+                    d = received_decomposition(k, received, method)
+                    if d is not None:
+                        self._factor(k).decomposition = d
 
     def _learning_rates(self) -> dict[int, float]:
         if self.optimizer is None:
@@ -542,36 +506,3 @@ class KFACPreconditioner:
         for layer in present:
             update = updates[layer.name]
             layer.math.set_grad(layer.module, update * scale if scale != 1.0 else update)
-
-    def _check_entry(self, name: str, value: Any) -> None:
-        layer_name, _, rest = name.partition("/")
-        factor, _, kind = rest.partition("/")
-        if (
-            layer_name not in self._by_name
-            or factor not in FACTORS
-            or kind not in ("", "decomposed_from", "decomposed_shift")
-        ):
-            raise ValueError(f"KFAC state: factors.{name} is not a factor of this model's registered layers")
-        if kind == "decomposed_shift":
-            return
-        want = self._by_name[layer_name].shape(factor)
-        if not isinstance(value, Tensor) or tuple(value.shape) != want:
-            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
-            raise ValueError(f"KFAC state: factors.{name} has shape {got}; expected {want}")
-
-    def _load_factor(self, layer: KFACLayer, f: str, factors: dict[str, Any], trace: float | None) -> None:
-        factor = layer.factors[f]
-        name = f"{layer.name}/{f}"
-        factor.running = factors[name].to(self.device) if name in factors else None
-        factor.trace = trace
-        factor.decomposition, factor.decomposed_from = None, None
-        if f"{name}/decomposed_shift" not in factors:
-            return
-        source = (
-            factors[f"{name}/decomposed_from"].to(self.device)
-            if f"{name}/decomposed_from" in factors
-            else factor.running
-        )
-        shift = float(factors[f"{name}/decomposed_shift"])
-        result, _ = decompose(source, self.config.method, shift, self._inverse_dtype)  # type: ignore[arg-type]
-        factor.decomposition, factor.decomposed_from, factor.decomposed_shift = result, source, shift
