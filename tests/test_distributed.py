@@ -13,7 +13,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ngd_dist import KFACConfig, KFACPreconditioner
 from ngd_dist.distributed import LocalCommunicator
-from tests.multiproc import run_ranks
+from ngd_dist.distributed.spawn import run_ranks
 
 BATCH = 12  # divisible by 1, 2, 3 and 4 ranks
 STEPS = 5

@@ -1,5 +1,7 @@
 """Run a function on several gloo ranks (processes on this machine), bounded in time.
 
+For tests and benchmarks of data-parallel code on one machine, without a launcher.
+
 ``run_ranks(fn, world_size, *args)`` starts ``world_size`` spawned processes, initialises
 torch.distributed (gloo, loopback) in each, calls ``fn(rank, world_size, *args)`` and returns the
 results by rank. An exception on any rank, or the time limit, fails the caller; every process is
@@ -19,6 +21,7 @@ from typing import Any
 
 
 def free_port() -> int:
+    """A TCP port on loopback that was free a moment ago."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -32,7 +35,11 @@ def _worker(fn: Callable[..., Any], rank: int, world: int, port: int, args: tupl
     torch.set_num_threads(1)
     try:
         dist.init_process_group(
-            "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world, timeout=timedelta(seconds=60)
+            "gloo",
+            init_method=f"tcp://127.0.0.1:{port}",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(seconds=60),
         )
         result = fn(rank, world, *args)
         out.put((rank, "ok", result))
@@ -44,10 +51,18 @@ def _worker(fn: Callable[..., Any], rank: int, world: int, port: int, args: tupl
 
 
 def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0) -> list[Any]:
+    """Call ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return results by rank.
+
+    ``fn`` must be importable (a module-level function). Raises AssertionError with the failing
+    rank's traceback, or when ``timeout`` seconds pass; all processes are gone when it returns.
+    """
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(fn, r, world_size, port, args, out), daemon=True) for r in range(world_size)]
+    procs = [
+        ctx.Process(target=_worker, args=(fn, r, world_size, port, args, out), daemon=True)
+        for r in range(world_size)
+    ]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
@@ -61,7 +76,9 @@ def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: floa
                 errors.append(f"rank {rank}:\n{value}")
                 break
     except queue.Empty:
-        errors.append(f"timed out after {timeout} s waiting for ranks {sorted(set(range(world_size)) - set(results))}")
+        errors.append(
+            f"timed out after {timeout} s waiting for ranks {sorted(set(range(world_size)) - set(results))}"
+        )
     finally:
         for p in procs:
             p.join(timeout=5 if not errors else 0.5)
