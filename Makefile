@@ -22,8 +22,9 @@ $(STAMP): pyproject.toml | system-packages
 	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,bench]'
 	touch $(STAMP)
 
+# The 2-rank CPU quickstart (torchrun, gloo); checkpoints in runs/quickstart, started afresh each time.
 run: $(STAMP)
-	$(VENV)/bin/ngd-dist quickstart
+	$(VENV)/bin/ngd-dist launch configs/quickstart.yaml --launcher torchrun --nproc 2 --set checkpoint.resume=never
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ngd_dist tests benchmarks

@@ -1,0 +1,67 @@
+"""Where a worker runs: rank, world size and device, from whichever launcher started it.
+
+- torchrun / deepspeed set ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR/PORT``:
+  torch.distributed initialises from the environment.
+- mpirun sets Open MPI's / PMI's variables: torch.distributed is bootstrapped through MPI
+  (:func:`ngd_dist.distributed.mpi.init_from_mpi`), no ``MASTER_ADDR`` needed.
+- Otherwise it is a single process and nothing is initialised.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from ngd_dist.distributed.mpi import init_from_mpi, launched_by_mpi
+
+
+@dataclass(frozen=True)
+class Environment:
+    """This worker's place in the job."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    launcher: str
+    """"torchrun" (any env:// launcher), "mpirun" or "single"."""
+
+    @property
+    def distributed(self) -> bool:
+        """Whether torch.distributed was initialised with more than one rank."""
+        return self.world_size > 1
+
+
+def setup(backend: str = "auto", timeout_s: float = 300.0) -> Environment:
+    """Initialise torch.distributed as the launcher asks, and pick the device."""
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise RuntimeError("distributed.backend: got 'nccl' but no CUDA device is visible; use gloo on CPU")
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        launcher = "torchrun"
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+        if not dist.is_initialized():
+            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+    elif launched_by_mpi():
+        launcher = "mpirun"
+        init_from_mpi(backend, timeout_s)
+        local_rank = int(os.environ["LOCAL_RANK"])
+        if backend == "nccl":
+            torch.cuda.set_device(local_rank)
+    else:
+        return Environment(0, 1, 0, torch.device("cuda" if backend == "nccl" else "cpu"), "single")
+    device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
+    return Environment(dist.get_rank(), dist.get_world_size(), local_rank, device, launcher)
+
+
+def teardown() -> None:
+    """Leave the process group, if any."""
+    if dist.is_initialized():
+        dist.destroy_process_group()

@@ -1,0 +1,342 @@
+"""The training worker behind ``ngd-dist train``: one rank of a YAML-described job.
+
+It builds the model (identically on every rank), the rank's shard of the data, the optimizer with
+its LR schedule and the K-FAC preconditioner, resumes from the newest checkpoint valid on every
+rank (``checkpoint.resume: auto``), and trains: forward/backward under the job's precision,
+preconditioning, optimizer step, a progress bar on rank 0 and rank-prefixed logs elsewhere,
+checkpoints every ``checkpoint.every`` steps and when SIGTERM/SIGINT asks to stop. A resumed run
+follows the same loss curve as an uninterrupted one: model, optimizer, preconditioner, schedule,
+data position and RNG states are all restored.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ngd_dist.jobs import Job, JobError, job_to_dict
+from ngd_dist.preconditioner import KFACPreconditioner
+from ngd_dist.train.checkpoint import CheckpointStore, PreemptionHandler, capture_rng_state, restore_rng_state
+from ngd_dist.train.data import ShardedLoader
+from ngd_dist.train.environment import Environment, setup, teardown
+from ngd_dist.train.optim import build_optimizer
+from ngd_dist.train.registry import build_dataset, build_model, output_module_of
+
+log = logging.getLogger("ngd_dist.train")
+
+
+@dataclass(kw_only=True)
+class TrainResult:
+    """What a finished (or preempted) run reports."""
+
+    steps: int
+    """Optimizer steps taken in total (including those before a resume)."""
+    first_loss: float
+    last_loss: float
+    seconds: float
+    samples_per_second: float
+    resumed_from: int | None
+    preempted: bool
+
+
+class Worker:
+    """Everything one rank needs to train a job."""
+
+    def __init__(self, job: Job, env: Environment, *, job_dir: Path | None = None) -> None:
+        """Build model, data, optimizer, schedule and preconditioner for ``job`` on ``env``."""
+        self.job, self.env = job, env
+        paths = (str(job_dir),) if job_dir is not None else ()
+        self.global_batch = job.batch.check_world(env.world_size)
+        model = build_model(job.model.name, job.model.args, seed=job.seed, import_paths=paths)
+        self.base_model = model.to(env.device)
+        self.model: nn.Module = self.base_model
+        if env.distributed:
+            device_ids = [env.local_rank] if env.device.type == "cuda" else None
+            self.model = DistributedDataParallel(self.base_model, device_ids=device_ids)
+        x, y = build_dataset(job.data.name, job.data.args, seed=job.seed, import_paths=paths)
+        per_rank = job.batch.per_rank * job.batch.accumulation
+        self.loader = ShardedLoader(
+            x,
+            y,
+            rank=env.rank,
+            world_size=env.world_size,
+            batch_size=per_rank,
+            seed=job.seed,
+            device=env.device,
+        )
+        self.optimizer = build_optimizer(job.optimizer, self.model)
+        base_lr = job.optimizer.lr
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: job.lr_at(step) / base_lr
+        )
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=job.precision.use_grad_scaler)
+        self.precond: KFACPreconditioner | None = None
+        config = job.kfac_config()
+        if config is not None:
+            if config.output_module is None:
+                head = output_module_of(job.model.name, self.base_model)
+                if head is not None:
+                    config.output_module = f"module.{head}" if self.model is not self.base_model else head
+            elif self.model is not self.base_model:
+                config.output_module = f"module.{config.output_module}"
+            self.precond = KFACPreconditioner(
+                self.model, config, optimizer=self.optimizer, grad_scaler=self.scaler
+            )
+        self.store = (
+            CheckpointStore(
+                job.checkpoint.dir, keep=job.checkpoint.keep, rank=env.rank, world_size=env.world_size
+            )
+            if job.checkpoint.dir
+            else None
+        )
+        self.step = 0
+
+    # -- checkpoints ---------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue exactly."""
+        return {
+            "step": self.step,
+            "model": self.base_model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "preconditioner": self.precond.state_dict() if self.precond is not None else {},
+            "loader": self.loader.state_dict(),
+            "rng": capture_rng_state(),
+            "job": job_to_dict(self.job),
+        }
+
+    def load(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state`'s output."""
+        self.base_model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        if self.precond is not None and state["preconditioner"]:
+            self.precond.load_state_dict(state["preconditioner"])
+        self.loader.load_state_dict(state["loader"])
+        restore_rng_state(state["rng"])
+        self.step = int(state["step"])
+
+    def _all_reduce_min(self, value: int) -> int:
+        if not self.env.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=self._collective_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN)
+        return int(t.item())
+
+    @property
+    def _collective_device(self) -> torch.device:
+        return self.env.device
+
+    def resume(self) -> int | None:
+        """Load the checkpoint ``checkpoint.resume`` asks for; return its step, or None."""
+        resume = self.job.checkpoint.resume
+        if self.store is None or resume == "never":
+            return None
+        if resume == "auto":
+            found = self.store.latest_agreed(self._all_reduce_min)
+            if found is None:
+                return None
+            step, state = found
+        else:
+            state = self.store.load(resume)
+            step = int(state["step"])
+        self.load(state)
+        return step
+
+    def save(self) -> None:
+        """Write this rank's checkpoint of the current step, then prune once every rank has."""
+        if self.store is None:
+            return
+        self.store.save(self.step, self.state(), prune=False)
+        self._all_reduce_min(1)  # every rank's file is complete before any prunes
+        self.store.prune()
+
+    # -- training ------------------------------------------------------------------------------
+
+    def _loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+
+    def train_step(self, x: Tensor, y: Tensor) -> float:
+        """One optimizer step over ``batch.accumulation`` micro-batches; returns the mean loss."""
+        job = self.job
+        chunks = job.batch.accumulation
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for i, (xm, ym) in enumerate(zip(x.chunk(chunks), y.chunk(chunks), strict=True)):
+            sync = i == chunks - 1 or not isinstance(self.model, DistributedDataParallel)
+            context = self.model.no_sync() if not sync else _nullcontext()  # type: ignore[operator]
+            with context:
+                with torch.autocast(
+                    self.env.device.type, dtype=job.precision.torch_dtype, enabled=job.precision.autocast
+                ):
+                    loss = self._loss(self.model(xm), ym)
+                self.scaler.scale(loss).backward()
+            total += float(loss.detach())
+        if chunks > 1:  # each micro-batch's loss is a mean over its own rows: average them
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    p.grad.div_(chunks)
+        self.scaler.unscale_(self.optimizer)
+        if self.precond is not None:
+            self.precond.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        return total / chunks
+
+    def _mean_over_ranks(self, value: float) -> float:
+        if not self.env.distributed:
+            return value
+        t = torch.tensor([value], dtype=torch.float64, device=self._collective_device)
+        dist.all_reduce(t)
+        return float(t.item()) / self.env.world_size
+
+    def _stop_requested(self, local: bool) -> bool:
+        if not self.env.distributed:
+            return local
+        t = torch.tensor([int(local)], dtype=torch.int64, device=self._collective_device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+    def run(self) -> TrainResult:
+        """Train to ``train.steps`` (or until preempted); checkpoint as configured."""
+        job = self.job
+        resumed = self.resume()
+        if resumed is not None:
+            log.info("resumed from step %d", resumed)
+        batches = self.loader.forever()
+        bar = _progress(job.train.steps, self.step, enabled=self.env.rank == 0)
+        first = last = math.nan
+        preempted = False
+        start, start_step = time.perf_counter(), self.step
+        every = job.checkpoint.every
+        with PreemptionHandler() as preempt:
+            while self.step < job.train.steps:
+                x, y = next(batches)
+                loss = self.train_step(x, y)
+                first = loss if math.isnan(first) else first
+                last = loss
+                log_now = self.step % job.train.log_every == 0 or self.step == job.train.steps
+                if log_now:
+                    mean = self._mean_over_ranks(loss)
+                    rate = (
+                        (self.step - start_step) * self.global_batch / max(time.perf_counter() - start, 1e-9)
+                    )
+                    bar.update_to(self.step, loss=mean, rate=rate)
+                    if self.env.rank != 0:
+                        log.debug("step %d loss %.4f", self.step, loss)
+                stop = self._stop_requested(preempt.requested)
+                if (every and self.step % every == 0) or stop:
+                    self.save()
+                if stop:
+                    preempted = True
+                    log.warning(
+                        "stopping at step %d (%s); checkpoint saved",
+                        self.step,
+                        preempt.signal_name or "signal",
+                    )
+                    break
+        bar.close()
+        seconds = time.perf_counter() - start
+        samples = (self.step - start_step) * self.global_batch
+        return TrainResult(
+            steps=self.step,
+            first_loss=self._mean_over_ranks(first),
+            last_loss=self._mean_over_ranks(last),
+            seconds=seconds,
+            samples_per_second=samples / max(seconds, 1e-9),
+            resumed_from=resumed,
+            preempted=preempted,
+        )
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+class _Progress:
+    """tqdm on rank 0 (to stderr), nothing elsewhere."""
+
+    def __init__(self, total: int, initial: int, enabled: bool) -> None:
+        self.bar: Any = None
+        if enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True)
+
+    def update_to(self, step: int, *, loss: float, rate: float) -> None:
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:.0f}")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _progress(total: int, initial: int, enabled: bool) -> _Progress:
+    return _Progress(total, initial, enabled)
+
+
+def configure_logging(rank: int) -> None:
+    """Rank-prefixed log lines on stderr (rank 0 logs INFO, the others WARNING and above)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(message)s"))
+    root = logging.getLogger("ngd_dist")
+    root.handlers[:] = [handler]
+    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
+    root.propagate = False
+
+
+def run_job(job: Job, *, job_dir: Path | None = None) -> TrainResult:
+    """Set up the distributed environment, train ``job``, print the summary on rank 0."""
+    env = setup(job.distributed.backend, job.distributed.timeout_s)
+    configure_logging(env.rank)
+    try:
+        torch.manual_seed(job.seed + env.rank)
+        try:
+            worker = Worker(job, env, job_dir=job_dir)
+        except ValueError as exc:  # the job names something that cannot be built: one line, exit 2
+            raise JobError(str(exc)) from exc
+        result = worker.run()
+        if env.rank == 0 and math.isnan(result.first_loss):
+            print(f"done: nothing to do, checkpoint at step {result.steps} of {job.train.steps}", flush=True)
+        elif env.rank == 0:
+            print(
+                f"done: steps={result.steps} loss {result.first_loss:.4f} -> {result.last_loss:.4f} "
+                f"wall={result.seconds:.1f}s samples/s={result.samples_per_second:.0f} ranks={env.world_size}"
+                + (f" resumed_from={result.resumed_from}" if result.resumed_from is not None else "")
+                + (" preempted" if result.preempted else ""),
+                flush=True,
+            )
+            if worker.precond is not None:
+                s = worker.precond.stats
+                log.info(
+                    "preconditioner: %d refreshes, %d decompositions on rank 0, %d rejected, kl_scale %.3f",
+                    s.factor_refreshes,
+                    s.decompositions,
+                    s.nonfinite_rejected,
+                    s.kl_scale,
+                )
+        return result
+    finally:
+        teardown()

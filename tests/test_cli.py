@@ -1,0 +1,95 @@
+"""The `ngd-dist` command line: validate, launch --dry-run, train, resume, and the 2-rank quickstart."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = str(Path(sys.executable).with_name("ngd-dist"))
+QUICK = str(ROOT / "configs" / "quickstart.yaml")
+
+
+def ngd(*args: str, timeout: float = 240, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
+
+
+def test_validate_prints_the_resolved_job() -> None:
+    proc = ngd("validate", QUICK, "--set", "optimizer.lr=0.05")
+    assert proc.returncode == 0, proc.stderr
+    assert "lr: 0.05" in proc.stdout and "valid" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("overrides", "needle"),
+    [
+        (["optimizer.lr_rate=1"], "did you mean 'lr'"),
+        (["preconditioner.curvature=fisher"], "preconditioner.curvature"),
+        (["train.steps=-3"], "train.steps"),
+    ],
+)
+def test_bad_jobs_exit_2_with_one_line(overrides: list[str], needle: str) -> None:
+    args = [x for o in overrides for x in ("--set", o)]
+    for command in ("validate", "train"):
+        proc = ngd(command, QUICK, *args)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and needle in lines[0] and "Traceback" not in proc.stderr
+
+
+def test_missing_file_and_bad_model_exit_2(tmp_path: Path) -> None:
+    proc = ngd("validate", str(tmp_path / "nope.yaml"))
+    assert proc.returncode == 2 and "does not exist" in proc.stderr
+    proc = ngd("train", QUICK, "--set", "model.args.hiden=3", "--set", f"checkpoint.dir={tmp_path}")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "hiden" in proc.stderr
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "mpirun"])
+def test_launch_dry_run_prints_the_launcher_command(launcher: str) -> None:
+    proc = ngd("launch", QUICK, "--launcher", launcher, "--nproc", "2", "--dry-run", "--set", "train.steps=5")
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.strip()
+    assert "ngd_dist.cli train" in line and "--set train.steps=5" in line
+    assert ("--nproc-per-node 2" in line) if launcher == "torchrun" else ("-np 2" in line)
+
+
+def _final_params(directory: Path, step: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+    from ngd_dist.train.checkpoint import CheckpointStore
+
+    store = CheckpointStore(directory, rank=rank, world_size=world)
+    return store.load(store.path_for(step))["model"]
+
+
+def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path: Path) -> None:
+    common = ["--set", "checkpoint.every=10", "--set", "train.log_every=10"]
+    full = ngd("train", QUICK, *common, "--set", f"checkpoint.dir={tmp_path / 'full'}", "--set", "train.steps=30")
+    assert full.returncode == 0, full.stderr
+    part = ngd("train", QUICK, *common, "--set", f"checkpoint.dir={tmp_path / 'part'}", "--set", "train.steps=20")
+    assert part.returncode == 0, part.stderr
+    rest = ngd("train", QUICK, *common, "--set", f"checkpoint.dir={tmp_path / 'part'}", "--set", "train.steps=30")
+    assert rest.returncode == 0 and "resumed_from=20" in rest.stdout, rest.stdout + rest.stderr
+    a, b = _final_params(tmp_path / "full", 30, 0, 1), _final_params(tmp_path / "part", 30, 0, 1)
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize("launcher", ["torchrun", "mpirun"])
+def test_two_rank_quickstart_lowers_the_loss_with_identical_parameters(launcher: str, tmp_path: Path) -> None:
+    proc = ngd(
+        "launch", QUICK, "--launcher", launcher, "--nproc", "2",
+        "--set", f"checkpoint.dir={tmp_path}", "--set", "train.steps=30", "--set", "checkpoint.every=30",
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    summary = [line for line in proc.stdout.splitlines() if line.startswith("done:")][-1]
+    first, last = summary.split("loss ")[1].split(" wall")[0].split(" -> ")
+    assert float(last) < 0.5 * float(first), summary
+    assert "ranks=2" in summary
+    p0, p1 = _final_params(tmp_path, 30, 0, 2), _final_params(tmp_path, 30, 1, 2)
+    for name in p0:
+        torch.testing.assert_close(p0[name], p1[name], rtol=0, atol=0, msg=name)
