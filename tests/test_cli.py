@@ -16,7 +16,9 @@ QUICK = str(ROOT / "configs" / "quickstart.yaml")
 
 
 def ngd(*args: str, timeout: float = 240, cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
+    }
     return subprocess.run([CLI, *args], capture_output=True, text=True, timeout=timeout, cwd=cwd, env=env)
 
 
@@ -68,11 +70,17 @@ def _final_params(directory: Path, step: int, rank: int, world: int) -> dict[str
 
 def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path: Path) -> None:
     common = ["--set", "checkpoint.every=10", "--set", "train.log_every=10"]
-    full = ngd("train", QUICK, *common, "--set", f"checkpoint.dir={tmp_path / 'full'}", "--set", "train.steps=30")
+    full = ngd(
+        "train", QUICK, *common, "--set", f"checkpoint.dir={tmp_path / 'full'}", "--set", "train.steps=30"
+    )
     assert full.returncode == 0, full.stderr
-    part = ngd("train", QUICK, *common, "--set", f"checkpoint.dir={tmp_path / 'part'}", "--set", "train.steps=20")
+    part = ngd(
+        "train", QUICK, *common, "--set", f"checkpoint.dir={tmp_path / 'part'}", "--set", "train.steps=20"
+    )
     assert part.returncode == 0, part.stderr
-    rest = ngd("train", QUICK, *common, "--set", f"checkpoint.dir={tmp_path / 'part'}", "--set", "train.steps=30")
+    rest = ngd(
+        "train", QUICK, *common, "--set", f"checkpoint.dir={tmp_path / 'part'}", "--set", "train.steps=30"
+    )
     assert rest.returncode == 0 and "resumed_from=20" in rest.stdout, rest.stdout + rest.stderr
     a, b = _final_params(tmp_path / "full", 30, 0, 1), _final_params(tmp_path / "part", 30, 0, 1)
     for name in a:
@@ -82,8 +90,18 @@ def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path: Path) -> Non
 @pytest.mark.parametrize("launcher", ["torchrun", "mpirun"])
 def test_two_rank_quickstart_lowers_the_loss_with_identical_parameters(launcher: str, tmp_path: Path) -> None:
     proc = ngd(
-        "launch", QUICK, "--launcher", launcher, "--nproc", "2",
-        "--set", f"checkpoint.dir={tmp_path}", "--set", "train.steps=30", "--set", "checkpoint.every=30",
+        "launch",
+        QUICK,
+        "--launcher",
+        launcher,
+        "--nproc",
+        "2",
+        "--set",
+        f"checkpoint.dir={tmp_path}",
+        "--set",
+        "train.steps=30",
+        "--set",
+        "checkpoint.every=30",
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     summary = [line for line in proc.stdout.splitlines() if line.startswith("done:")][-1]
@@ -93,3 +111,88 @@ def test_two_rank_quickstart_lowers_the_loss_with_identical_parameters(launcher:
     p0, p1 = _final_params(tmp_path, 30, 0, 2), _final_params(tmp_path, 30, 1, 2)
     for name in p0:
         torch.testing.assert_close(p0[name], p1[name], rtol=0, atol=0, msg=name)
+
+
+def test_malformed_jobs_through_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Every malformed job of tests/test_jobs.py: exit code 2 and one line on stderr, no traceback."""
+    from ngd_dist.cli import main
+    from tests.test_jobs import BAD
+
+    assert len(BAD) >= 20
+    for case, text, _path, fragment in BAD:
+        job = tmp_path / f"{case}.yaml"
+        job.write_text(text)
+        assert main(["validate", str(job)]) == 2, case
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and fragment in err and "Traceback" not in err, (case, err)
+
+
+def test_a_user_model_and_dataset_train_unmodified(tmp_path: Path) -> None:
+    env_path = os.environ.get("PYTHONPATH", "")
+    os.environ["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env_path}" if env_path else str(ROOT)
+    try:
+        proc = ngd(
+            "train",
+            QUICK,
+            "--set",
+            "model.name=tests.fixtures.user_model:make_model",
+            "--set",
+            "model.args={hidden: 16}",
+            "--set",
+            "data.name=tests.fixtures.user_model:make_data",
+            "--set",
+            "data.args={}",
+            "--set",
+            "batch.per_rank=32",
+            "--set",
+            "train.steps=20",
+            "--set",
+            "preconditioner.output_module='2'",
+            "--set",
+            f"checkpoint.dir={tmp_path}",
+        )
+        unnamed = ngd(
+            "train",
+            QUICK,
+            "--set",
+            "model.name=tests.fixtures.user_model:make_model",
+            "--set",
+            "model.args={}",
+            "--set",
+            "data.name=tests.fixtures.user_model:make_data",
+            "--set",
+            "data.args={}",
+            "--set",
+            "batch.per_rank=32",
+            "--set",
+            "preconditioner.output_module=null",
+            "--set",
+            f"checkpoint.dir={tmp_path / 'x'}",
+        )
+    finally:
+        os.environ["PYTHONPATH"] = env_path
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = [line for line in proc.stdout.splitlines() if line.startswith("done:")][-1]
+    first, last = summary.split("loss ")[1].split(" wall")[0].split(" -> ")
+    assert float(last) < float(first), summary
+    # without the head named, iEF cannot find the logits: one line naming the key and the likely head
+    assert (
+        unnamed.returncode == 2
+        and "preconditioner.output_module" in unnamed.stderr
+        and "'2'" in unnamed.stderr
+    )
+
+
+@pytest.mark.parametrize("script", ["torchrun.sh", "mpirun.sh"])
+def test_launch_wrappers(script: str) -> None:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(
+        ["bash", str(ROOT / "launch" / script), QUICK, "2", "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "ngd_dist.cli train" in proc.stdout

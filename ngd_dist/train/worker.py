@@ -90,6 +90,15 @@ class Worker:
                     config.output_module = f"module.{head}" if self.model is not self.base_model else head
             elif self.model is not self.base_model:
                 config.output_module = f"module.{config.output_module}"
+            if config.output_module is None and config.curvature in ("ief", "mc"):
+                linears = [n for n, m in self.base_model.named_modules() if isinstance(m, nn.Linear)]
+                hint = f" (its last Linear is {linears[-1]!r})" if linears else ""
+                raise JobError.invalid(
+                    "preconditioner.output_module",
+                    None,
+                    f"the name of the module producing the logits of {job.model.name!r}{hint}: "
+                    f"curvature {config.curvature!r} needs them",
+                )
             self.precond = KFACPreconditioner(
                 self.model, config, optimizer=self.optimizer, grad_scaler=self.scaler
             )
