@@ -79,7 +79,7 @@ def _worker(rank: int, world: int, steps: int, blocks: int, per_rank: int, width
                 factor_every=10,
                 inverse_every=100,
                 method="inverse",
-                refresh_cap=100,
+                refresh_cap=400,
                 **kfac,
             )
             pc = KFACPreconditioner(model, config, optimizer=opt)
@@ -199,7 +199,8 @@ def table(results: dict[str, Any]) -> str:
         f"Machine: {results['machine']}, {results['date']}. Command: `{results['command']}`. "
         f"Per-rank batch {results['per_rank']}, MLP width {results['width']}, {results['steps_per_block']} "
         f"steps x {results['blocks']} interleaved blocks per configuration; K-FAC: iEF, inverse form, "
-        "factor_every=10, inverse_every=100 (fixed) or adaptive from 10 (cap 100), memory-optimal placement.",
+        "factor_every=10, decompositions every 100 steps (fixed) or adaptive per factor from 100 "
+        "(cap 400), memory-optimal placement.",
         "",
         "| ranks | configuration | step ms (mean) | x SGD | " + " | ".join(PHASES) + " | factor bytes/step | "
         "gradient+preconditioned bytes/step | load balance |",

@@ -135,16 +135,17 @@ class KFACConfig:
     """Seed of the generator that draws the sampled-Fisher (``"mc"``) labels."""
 
     refresh: Refresh = "fixed"
-    """``"fixed"``: fold factors every factor_every steps, decompose every inverse_every.
-    ``"adaptive"``: each factor is refreshed (captured, folded, decomposed) at its own interval,
-    starting at factor_every, doubled while its relative change stays below refresh_low (up to
-    refresh_cap), halved when it exceeds refresh_high (down to 1)."""
+    """``"fixed"``: decompose every factor every inverse_every steps. ``"adaptive"``: each factor
+    has its own decomposition interval, starting at inverse_every, doubled while the factor moves
+    less than refresh_low since its last decomposition (up to refresh_cap), halved when it moved
+    more than refresh_high (down to factor_every). Statistics are folded every factor_every steps
+    in both."""
 
-    refresh_low: float = 0.01
-    """Adaptive refresh: relative change ||X_new - X_old||_F / ||X_old||_F below which the
-    interval doubles."""
+    refresh_low: float = 0.05
+    """Adaptive refresh: relative change ||X_now - X_then||_F / ||X_then||_F of a factor since its
+    decomposition below which its interval doubles."""
 
-    refresh_high: float = 0.05
+    refresh_high: float = 0.25
     """Adaptive refresh: relative change above which the interval halves."""
 
     refresh_cap: int = 128
@@ -218,8 +219,8 @@ class KFACConfig:
         if self.refresh_high <= self.refresh_low:
             raise _fail("refresh_high", self.refresh_high, f"a number above refresh_low={self.refresh_low}")
         self.refresh_cap = _check_int("refresh_cap", self.refresh_cap, 1)
-        if self.refresh == "adaptive" and self.refresh_cap < self.factor_every:
-            raise _fail("refresh_cap", self.refresh_cap, f"an integer >= factor_every={self.factor_every}")
+        if self.refresh == "adaptive" and self.refresh_cap < self.inverse_every:
+            raise _fail("refresh_cap", self.refresh_cap, f"an integer >= inverse_every={self.inverse_every}")
         if self.assignment not in ("round_robin", "greedy"):
             raise _fail("assignment", self.assignment, "one of round_robin, greedy")
         if self.placement not in ("memory", "communication", "hybrid"):

@@ -277,9 +277,13 @@ class KFACPreconditioner:
         if c.refresh == "fixed":
             return FixedSchedule(c.factor_every, c.inverse_every)
         policy = AdaptiveInterval(
-            initial=c.factor_every, cap=c.refresh_cap, low=c.refresh_low, high=c.refresh_high
+            initial=c.inverse_every,
+            cap=c.refresh_cap,
+            low=c.refresh_low,
+            high=c.refresh_high,
+            floor=c.factor_every,
         )
-        return AdaptiveSchedule(policy)
+        return AdaptiveSchedule(c.factor_every, policy)
 
     def _keys(self) -> list[Key]:
         return [(layer.name, f) for layer in self.layers for f in FACTORS]
@@ -360,7 +364,6 @@ class KFACPreconditioner:
             )
             if result is not None:
                 reduced.update(result)
-        changes: dict[Hashable, Tensor] = {}
         accepted: list[Key] = []
         for key in keys:
             trace_sum, count, nonfinite = values[key]
@@ -373,18 +376,9 @@ class KFACPreconditioner:
             factor = self._factor(key)
             factor.fold_trace(trace_sum / count, decay)
             if self.plan.owner(*key) == rank:
-                old = factor.running
                 factor.fold(reduced[key].to(self._accumulation_dtype(key)) / count, decay)
-                middle = (self.config.refresh_low + self.config.refresh_high) / 2
-                change = middle if old is None else relative_change(factor.running, old)  # type: ignore[arg-type]
-                changes[key] = torch.tensor([change], dtype=torch.float64)
         if accepted:
             self.stats.factor_refreshes += 1
-        if isinstance(self.schedule, AdaptiveSchedule) and accepted:
-            layout = Layout([Slot(key, (1,)) for key in accepted])
-            shared = self.collectives.all_reduce(layout, changes, "meta", torch.float64, self.device)
-            for key in accepted:
-                self.schedule.observe(key, step, float(shared[key]))
 
     def _accumulation_dtype(self, key: Key) -> torch.dtype:
         return torch.float64 if self.config.factor_dtype == torch.float64 else torch.float32
@@ -400,6 +394,27 @@ class KFACPreconditioner:
         shift_a, shift_g = inverse_shifts(trace_a, layer.a_dim, trace_g, layer.g_dim, damping)
         return shift_a if key[1] == "a" else shift_g
 
+    def _observe_staleness(self, due: list[Key], step: int) -> None:
+        """Adapt the due factors' intervals to how far they moved since their decompositions.
+
+        Owners measure; one all-reduce gives every rank the same numbers and the same decisions.
+        """
+        middle = (self.config.refresh_low + self.config.refresh_high) / 2
+        changes: dict[Hashable, Tensor] = {}
+        for key in due:
+            factor = self._factor(key)
+            if self.plan.owner(*key) != self.comm.rank:
+                continue
+            if factor.running is None or factor.decomposed_from is None:
+                change = middle  # nothing to compare yet: keep the interval
+            else:
+                change = relative_change(factor.running, factor.decomposed_from)
+            changes[key] = torch.tensor([change], dtype=torch.float64)
+        layout = Layout([Slot(key, (1,)) for key in due])
+        shared = self.collectives.all_reduce(layout, changes, "meta", torch.float64, self.device)
+        for key in due:
+            self.schedule.observe(key, step, float(shared[key]))
+
     def _decompose(self, due: list[Key], keys: list[Key], step: int) -> None:
         """Owners decompose their ``due`` factors, then send ``keys`` to their column.
 
@@ -407,6 +422,8 @@ class KFACPreconditioner:
         """
         rank, damping = self.comm.rank, self.config.damping_at(step)
         self._rebroadcast = False
+        if isinstance(self.schedule, AdaptiveSchedule) and due:
+            self._observe_staleness(due, step)
         for key in due:
             factor = self._factor(key)
             if self.plan.owner(*key) != rank or factor.running is None:

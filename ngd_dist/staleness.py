@@ -1,9 +1,13 @@
-"""When a factor is stale enough to refresh: the adaptive interval policy (SP-NGD inspired).
+"""When a factor's decomposition is stale enough to recompute: fixed and adaptive schedules.
 
-After each refresh of a factor X the policy sees the relative change
-``r = ||X_new - X_old||_F / ||X_old||_F``. Below ``low`` the statistics are stable and the factor's
-interval doubles (up to ``cap``); above ``high`` they moved and it halves (down to 1); in between it
-stays. The policy is deterministic: fed the same changes, every rank makes the same decisions.
+Statistics are gathered and folded every ``factor_every`` steps in both schedules. The fixed
+schedule decomposes every factor every ``inverse_every`` steps. The adaptive one (SP-NGD
+inspired) gives each factor its own decomposition interval, starting at ``inverse_every``: when a
+factor is due, its owner measures how far the running factor has moved since the decomposition in
+use was computed, ``r = ||X_now - X_then||_F / ||X_then||_F``. Below ``low`` the decomposition was
+still good and the interval doubles (up to ``cap``); above ``high`` it had gone stale and the
+interval halves (down to ``floor``); in between it stays. The policy is deterministic: fed the same
+changes, every rank makes the same decisions.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ class AdaptiveInterval:
     cap: int = 64
     low: float = 0.05
     high: float = 0.2
+    floor: int = 1
     intervals: dict[Hashable, int] = field(default_factory=dict)
     last: dict[Hashable, int] = field(default_factory=dict)
 
@@ -41,6 +46,14 @@ class AdaptiveInterval:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"AdaptiveInterval.{name}: got {value!r}; expected an integer >= 1")
+        if (
+            isinstance(self.floor, bool)
+            or not isinstance(self.floor, int)
+            or not 1 <= self.floor <= self.initial
+        ):
+            raise ValueError(
+                f"AdaptiveInterval.floor: got {self.floor!r}; expected an integer in [1, initial]"
+            )
         if self.initial > self.cap:
             raise ValueError(f"AdaptiveInterval.initial: got {self.initial}; expected <= cap={self.cap}")
         if not (0 <= self.low < self.high):
@@ -66,7 +79,7 @@ class AdaptiveInterval:
         if change < self.low:
             current = min(self.cap, 2 * current)
         elif change > self.high:
-            current = max(1, current // 2)
+            current = max(self.floor, current // 2)
         self.intervals[key] = current
         self.last[key] = step
         return current
@@ -96,26 +109,26 @@ class FixedSchedule:
 
 
 class AdaptiveSchedule:
-    """Each factor refreshed (captured, folded and decomposed) at its own adaptive interval."""
+    """Statistics every ``factor_every`` steps; each factor decomposed at its own adaptive interval."""
 
-    def __init__(self, policy: AdaptiveInterval) -> None:
-        """Drive refreshes by ``policy``."""
-        self.policy = policy
+    def __init__(self, factor_every: int, policy: AdaptiveInterval) -> None:
+        """Fold every ``factor_every`` steps; decompose as ``policy`` says."""
+        self.factor_every, self.policy = factor_every, policy
 
     def fold_due(self, key: Hashable, step: int) -> bool:
-        """Whether ``key`` is due for a refresh at ``step``."""
-        return self.policy.due(key, step)
+        """Whether ``key``'s statistics are captured and folded at ``step``."""
+        return step % self.factor_every == 0
 
     def decompose_due(self, key: Hashable, step: int) -> bool:
-        """A refreshed factor is decomposed in the same step."""
+        """Whether ``key``'s decomposition is due at ``step``."""
         return self.policy.due(key, step)
 
     def observe(self, key: Hashable, step: int, change: float) -> None:
-        """Adapt ``key``'s interval to the relative change of its refresh."""
+        """Adapt ``key``'s interval to how far it moved since its last decomposition."""
         self.policy.observe(key, step, change)
 
     def interval(self, key: Hashable) -> int:
-        """The current interval of ``key``."""
+        """The current decomposition interval of ``key``."""
         return self.policy.interval(key)
 
 

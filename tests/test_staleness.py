@@ -40,3 +40,18 @@ def test_same_inputs_give_the_same_decisions() -> None:
 def test_bad_policy_settings_are_rejected(kwargs, message) -> None:
     with pytest.raises(ValueError, match=message):
         AdaptiveInterval(**kwargs)
+
+
+def test_adaptive_schedule_folds_on_the_fixed_period_and_decomposes_adaptively() -> None:
+    from ngd_dist.staleness import AdaptiveSchedule
+
+    schedule = AdaptiveSchedule(5, AdaptiveInterval(initial=20, cap=80, low=0.05, high=0.2, floor=5))
+    assert [s for s in range(0, 30) if schedule.fold_due("k", s)] == [0, 5, 10, 15, 20, 25]
+    assert schedule.decompose_due("k", 0)
+    schedule.observe("k", 0, 0.5)  # stale: 20 -> 10
+    assert not schedule.decompose_due("k", 9) and schedule.decompose_due("k", 10)
+    for step in (10, 15):
+        schedule.observe("k", step, 0.9)
+    assert schedule.interval("k") == 5  # never below the statistics period
+    with pytest.raises(ValueError, match="floor: got 30"):
+        AdaptiveInterval(initial=20, floor=30)
