@@ -20,9 +20,10 @@ import torch
 from ngd_dist.config import KFACConfig
 from ngd_dist.jobs.checks import PLAIN, Section, check_number, join, one_of, plain
 from ngd_dist.jobs.errors import JobError, suggestion
+from ngd_dist.train import registry as _registry
 
-BUILTIN_MODELS: tuple[str, ...] = ("mlp", "small_cnn", "resnet18", "gpt")
-BUILTIN_DATA: tuple[str, ...] = ("digits", "synthetic_images", "synthetic_tokens", "text")
+BUILTIN_MODELS: tuple[str, ...] = tuple(_registry.BUILTIN_MODELS)
+BUILTIN_DATA: tuple[str, ...] = tuple(_registry.BUILTIN_DATASETS)
 OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw", "lamb", "lars")
 SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear", "step")
 DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
