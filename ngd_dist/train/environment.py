@@ -48,7 +48,7 @@ def setup(backend: str = "auto", timeout_s: float = 300.0) -> Environment:
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         if not dist.is_initialized():
-            dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
+            _init_from_env(backend, timedelta(seconds=timeout_s))
     elif launched_by_mpi():
         launcher = "mpirun"
         init_from_mpi(backend, timeout_s)
@@ -61,7 +61,41 @@ def setup(backend: str = "auto", timeout_s: float = 300.0) -> Environment:
     return Environment(dist.get_rank(), dist.get_world_size(), local_rank, device, launcher)
 
 
+def _init_from_env(backend: str, timeout: timedelta) -> None:
+    """env:// initialisation, with the keys of each torchrun restart kept apart.
+
+    After a restart, torchrun's store still holds the previous attempt's keys; a worker of the new
+    attempt could read a dead peer's address from them. Prefixing the store with the restart count
+    gives every attempt its own keys.
+    """
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if restart is None:
+        dist.init_process_group(backend, timeout=timeout)
+        return
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    agent_store = os.environ.get("TORCHELASTIC_USE_AGENT_STORE", "").lower() == "true"
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"],
+        int(os.environ["MASTER_PORT"]),
+        world,
+        is_master=rank == 0 and not agent_store,
+        timeout=timeout,
+        use_libuv=True,
+    )
+    prefixed = dist.PrefixStore(f"ngd_dist/attempt{restart}", store)
+    dist.init_process_group(backend, store=prefixed, rank=rank, world_size=world, timeout=timeout)
+
+
 def teardown() -> None:
-    """Leave the process group, if any."""
-    if dist.is_initialized():
+    """Leave the process group, if any, once every rank is done with its collectives.
+
+    Without the barrier a rank can tear its gloo connections down while a peer still uses them,
+    and that peer aborts at exit ("terminate called without an active exception").
+    """
+    if not dist.is_initialized():
+        return
+    try:
+        if dist.get_world_size() > 1:
+            dist.barrier()
+    finally:
         dist.destroy_process_group()

@@ -11,6 +11,7 @@ data position and RNG states are all restored.
 
 from __future__ import annotations
 
+import gc
 import logging
 import math
 import sys
@@ -320,6 +321,7 @@ def run_job(job: Job, *, job_dir: Path | None = None) -> TrainResult:
     """Set up the distributed environment, train ``job``, print the summary on rank 0."""
     env = setup(job.distributed.backend, job.distributed.timeout_s)
     configure_logging(env.rank)
+    worker: Worker | None = None
     try:
         torch.manual_seed(job.seed + env.rank)
         try:
@@ -348,4 +350,7 @@ def run_job(job: Job, *, job_dir: Path | None = None) -> TrainResult:
                 )
         return result
     finally:
+        # DDP and the preconditioner hold the process group: release them before destroying it
+        del worker
+        gc.collect()
         teardown()

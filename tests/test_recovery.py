@@ -1,0 +1,138 @@
+"""Surviving crashes: kill -9 of a rank under torchrun with restarts, and a truncated checkpoint."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from ngd_dist.train.checkpoint import CheckpointStore
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = str(Path(sys.executable).with_name("ngd-dist"))
+QUICK = str(ROOT / "configs" / "quickstart.yaml")
+
+
+def _env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            if ppid == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def _descendants(pid: int) -> list[int]:
+    found, todo = [], [pid]
+    while todo:
+        for child in _children(todo.pop()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _worker_of_rank(root: int, rank: int) -> int | None:
+    for pid in _descendants(root):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in environ and b"ngd_dist.cli" in cmdline:
+            return pid
+    return None
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and every process below it (torchrun puts workers in their own groups)."""
+    for victim in [*_descendants(pid), pid]:
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _params(directory: Path, step: int, rank: int, world: int) -> dict[str, torch.Tensor]:
+    store = CheckpointStore(directory, rank=rank, world_size=world)
+    return store.load(store.path_for(step))["model"]
+
+
+def _launch(directory: Path, steps: int, restarts: int) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            CLI, "launch", QUICK, "--launcher", "torchrun", "--nproc", "2", "--max-restarts", str(restarts),
+            "--set", f"checkpoint.dir={directory}", "--set", f"train.steps={steps}",
+            "--set", "checkpoint.every=25", "--set", "train.log_every=25",
+        ],
+        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+
+
+def _finish(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_tree(proc.pid)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out\n{out[-2000:]}\n{err[-3000:]}") from None
+
+
+def test_kill_9_of_one_rank_restarts_from_the_checkpoint_and_ends_as_if_uninterrupted(tmp_path: Path) -> None:
+    steps = 300
+    reference = _launch(tmp_path / "reference", steps, restarts=0)
+    out, err = _finish(reference, 240)
+    assert reference.returncode == 0, err[-3000:]
+
+    crashed = _launch(tmp_path / "crashed", steps, restarts=1)
+    try:
+        deadline = time.monotonic() + 180
+        victim = None
+        while time.monotonic() < deadline:
+            if list((tmp_path / "crashed").glob("step-*.rank1-of2.pt")):
+                victim = _worker_of_rank(crashed.pid, 1)
+                if victim is not None:
+                    break
+            if crashed.poll() is not None:
+                break
+            time.sleep(0.05)
+        assert victim is not None, "rank 1 was not found running after its first checkpoint"
+        os.kill(victim, signal.SIGKILL)
+    except BaseException:
+        _kill_tree(crashed.pid)
+        crashed.communicate()
+        raise
+    out, err = _finish(crashed, 240)
+    assert crashed.returncode == 0, err[-4000:]
+    assert "resumed_from=" in out, out + err[-3000:]
+    for rank in (0, 1):
+        want, got = _params(tmp_path / "reference", steps, rank, 2), _params(tmp_path / "crashed", steps, rank, 2)
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=name)
+
+
+def test_a_truncated_checkpoint_is_detected_and_the_previous_one_used(tmp_path: Path) -> None:
+    common = ["--set", f"checkpoint.dir={tmp_path}", "--set", "checkpoint.every=10", "--set", "checkpoint.keep=5"]
+    first = subprocess.run([CLI, "train", QUICK, *common, "--set", "train.steps=30"],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT, env=_env())
+    assert first.returncode == 0, first.stderr[-3000:]
+    newest = tmp_path / "step-00000030.rank0-of1.pt"
+    data = newest.read_bytes()
+    newest.write_bytes(data[: len(data) // 2])
+    again = subprocess.run([CLI, "train", QUICK, *common, "--set", "train.steps=40"],
+                           capture_output=True, text=True, timeout=120, cwd=ROOT, env=_env())
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed_from=20" in again.stdout, again.stdout + again.stderr[-2000:]
+    assert "skipping step 30" in again.stderr
