@@ -61,6 +61,13 @@ def test_launch_dry_run_prints_the_launcher_command(launcher: str) -> None:
     assert ("--nproc-per-node 2" in line) if launcher == "torchrun" else ("-np 2" in line)
 
 
+def _summary(stdout: str) -> tuple[str, float, float]:
+    """The worker's summary line and the first and last loss it reports."""
+    summary = [line for line in stdout.splitlines() if line.startswith("done:")][-1]
+    first, last = summary.split("loss ")[1].split(" wall")[0].split(" -> ")
+    return summary, float(first), float(last)
+
+
 def _final_params(directory: Path, step: int, rank: int, world: int) -> dict[str, torch.Tensor]:
     from ngd_dist.train.checkpoint import CheckpointStore
 
@@ -104,9 +111,8 @@ def test_two_rank_quickstart_lowers_the_loss_with_identical_parameters(launcher:
         "checkpoint.every=30",
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    summary = [line for line in proc.stdout.splitlines() if line.startswith("done:")][-1]
-    first, last = summary.split("loss ")[1].split(" wall")[0].split(" -> ")
-    assert float(last) < 0.5 * float(first), summary
+    summary, first, last = _summary(proc.stdout)
+    assert last < 0.5 * first, summary
     assert "ranks=2" in summary
     p0, p1 = _final_params(tmp_path, 30, 0, 2), _final_params(tmp_path, 30, 1, 2)
     for name in p0:
@@ -172,9 +178,8 @@ def test_a_user_model_and_dataset_train_unmodified(tmp_path: Path) -> None:
     finally:
         os.environ["PYTHONPATH"] = env_path
     assert proc.returncode == 0, proc.stderr[-3000:]
-    summary = [line for line in proc.stdout.splitlines() if line.startswith("done:")][-1]
-    first, last = summary.split("loss ")[1].split(" wall")[0].split(" -> ")
-    assert float(last) < float(first), summary
+    summary, first, last = _summary(proc.stdout)
+    assert last < first, summary
     # without the head named, iEF cannot find the logits: one line naming the key and the likely head
     assert (
         unnamed.returncode == 2
