@@ -13,7 +13,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, TypeVar
 
 import torch
 
@@ -63,49 +63,53 @@ def _split_factory(name: str) -> tuple[str, str] | None:
     return module, attr
 
 
+_Spec = TypeVar("_Spec", bound="_FactorySpec")
+
+
 @dataclass(frozen=True, kw_only=True)
-class ModelSpec:
+class _FactorySpec:
+    """A built-in name or ``"package.module:factory"``, called with ``args``."""
+
+    name: str = ""
+    args: dict[str, Any] = field(default_factory=dict)
+    """Keyword arguments of the factory (plain YAML values)."""
+
+    BUILTINS: ClassVar[tuple[str, ...]] = ()
+    SECTION: ClassVar[str] = ""
+
+    @property
+    def factory(self) -> tuple[str, str] | None:
+        """``("package.module", "factory")`` for a user factory; None for a built-in."""
+        return _split_factory(self.name)
+
+    @classmethod
+    def parse(cls: type[_Spec], data: object, path: str | None = None) -> _Spec:
+        """Check the section of a job this spec describes."""
+        s = Section(data, path or cls.SECTION, _keys(cls))
+        return cls(name=_factory_name(s, cls.name, cls.BUILTINS), args=s.mapping("args"))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelSpec(_FactorySpec):
     """Which model to build: a built-in name or ``"package.module:factory"``, called with ``args``."""
 
     name: str = "mlp"
     """``"mlp"``, ``"small_cnn"``, ``"resnet18"``, ``"gpt"``, or ``"package.module:factory"``."""
 
-    args: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments of the factory (plain YAML values)."""
-
-    @property
-    def factory(self) -> tuple[str, str] | None:
-        """``("package.module", "factory")`` for a user factory; None for a built-in."""
-        return _split_factory(self.name)
-
-    @classmethod
-    def parse(cls, data: object, path: str = "model") -> ModelSpec:
-        """Check the ``model`` section of a job."""
-        s = Section(data, path, _keys(cls))
-        return cls(name=_factory_name(s, cls.name, BUILTIN_MODELS), args=s.mapping("args"))
+    BUILTINS: ClassVar[tuple[str, ...]] = BUILTIN_MODELS
+    SECTION: ClassVar[str] = "model"
 
 
 @dataclass(frozen=True, kw_only=True)
-class DataSpec:
+class DataSpec(_FactorySpec):
     """Which data set to read: a built-in name or ``"package.module:factory"``, called with ``args``."""
 
     name: str = "digits"
-    """``"digits"`` (embedded), ``"synthetic_images"``, ``"synthetic_tokens"``, ``"text"``, or
-    ``"package.module:factory"``; on-disk data sets take ``args.path``."""
+    """``"digits"`` (embedded), ``"synthetic_images"``, ``"synthetic_tokens"``, ``"text"``,
+    ``"tensor_file"`` (a .pt of images and labels, ``args.path``), or ``"package.module:factory"``."""
 
-    args: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments of the data set factory (plain YAML values)."""
-
-    @property
-    def factory(self) -> tuple[str, str] | None:
-        """``("package.module", "factory")`` for a user factory; None for a built-in."""
-        return _split_factory(self.name)
-
-    @classmethod
-    def parse(cls, data: object, path: str = "data") -> DataSpec:
-        """Check the ``data`` section of a job."""
-        s = Section(data, path, _keys(cls))
-        return cls(name=_factory_name(s, cls.name, BUILTIN_DATA), args=s.mapping("args"))
+    BUILTINS: ClassVar[tuple[str, ...]] = BUILTIN_DATA
+    SECTION: ClassVar[str] = "data"
 
 
 @dataclass(frozen=True, kw_only=True)
