@@ -136,3 +136,41 @@ def test_a_truncated_checkpoint_is_detected_and_the_previous_one_used(tmp_path: 
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resumed_from=20" in again.stdout, again.stdout + again.stderr[-2000:]
     assert "skipping step 30" in again.stderr
+
+
+def test_every_rank_of_a_running_job_serves_metrics_and_health(tmp_path: Path) -> None:
+    import socket
+    import urllib.request
+
+    with socket.socket() as sock:  # a free pair of ports (base, base + 1) on loopback
+        sock.bind(("127.0.0.1", 0))
+        base = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [
+            CLI, "launch", QUICK, "--launcher", "torchrun", "--nproc", "2",
+            "--set", f"checkpoint.dir={tmp_path}", "--set", "train.steps=100000", "--set", f"metrics.port={base}",
+        ],
+        cwd=ROOT, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+    )
+    try:
+        seen: dict[int, str] = {}
+        deadline = time.monotonic() + 120
+        while len(seen) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            for rank in (0, 1):
+                try:
+                    with urllib.request.urlopen(f"http://127.0.0.1:{base + rank}/metrics", timeout=2) as r:
+                        text = r.read().decode()
+                    with urllib.request.urlopen(f"http://127.0.0.1:{base + rank}/healthz", timeout=2) as r:
+                        health = r.status
+                except OSError:
+                    continue
+                if f'ngd_steps_total{{rank="{rank}"}}' in text and health == 200:
+                    seen[rank] = text
+            time.sleep(0.2)
+        assert set(seen) == {0, 1}, proc.stderr.read()[-3000:] if proc.poll() is not None else "no metrics"
+        for rank, text in seen.items():
+            assert f'ngd_samples_per_second{{rank="{rank}"}}' in text
+            assert 'ngd_communication_bytes_total{kind="factors"' in text
+    finally:
+        _kill_tree(proc.pid)
+        proc.communicate()

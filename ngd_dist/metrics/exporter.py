@@ -82,7 +82,11 @@ class PreconditionerLike(Protocol):
     """What :meth:`MetricsExporter.observe_preconditioner` reads (a ``KFACPreconditioner`` fits)."""
 
     stats: Any
-    decomposed: Mapping[Any, int]
+
+    @property
+    def decomposed(self) -> Mapping[Any, int]:
+        """How many times this rank decomposed each factor."""
+        ...
 
     @property
     def comm_bytes(self) -> Mapping[str, int]:

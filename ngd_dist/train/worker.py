@@ -27,12 +27,13 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ngd_dist.jobs import Job, JobError, job_to_dict
+from ngd_dist.metrics import MetricsExporter, MetricsPortError
 from ngd_dist.preconditioner import KFACPreconditioner
 from ngd_dist.train.checkpoint import CheckpointStore, PreemptionHandler, capture_rng_state, restore_rng_state
 from ngd_dist.train.data import ShardedLoader
 from ngd_dist.train.environment import Environment, setup, teardown
 from ngd_dist.train.optim import build_optimizer
-from ngd_dist.train.registry import build_dataset, build_model, output_module_of
+from ngd_dist.train.registry import build_dataset, build_model, output_module_of, task_of
 
 log = logging.getLogger("ngd_dist.train")
 
@@ -60,6 +61,7 @@ class Worker:
         paths = (str(job_dir),) if job_dir is not None else ()
         self.global_batch = job.batch.check_world(env.world_size)
         model = build_model(job.model.name, job.model.args, seed=job.seed, import_paths=paths)
+        self.task = task_of(job.model.name, model)
         self.base_model = model.to(env.device)
         self.model: nn.Module = self.base_model
         if env.distributed:
@@ -223,6 +225,44 @@ class Worker:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return bool(t.item())
 
+    def _exporter(self) -> MetricsExporter:
+        """This rank's Prometheus exporter (disabled when metrics are off or the port is 0)."""
+        spec = self.job.metrics
+        port = spec.port if spec.enabled else 0
+        try:
+            return MetricsExporter(
+                rank=self.env.rank,
+                world_size=self.env.world_size,
+                host=spec.host,
+                port=port,
+                local_rank=self.env.local_rank,
+                stall_seconds=spec.stall_seconds,
+            )
+        except MetricsPortError as exc:
+            raise JobError(f"metrics.port: {exc}") from exc
+
+    def _observe(
+        self,
+        metrics: MetricsExporter,
+        x: Tensor,
+        y: Tensor,
+        loss: float,
+        seconds: float,
+        before: dict[str, float],
+    ) -> None:
+        """Report one step: throughput, loss, and the preconditioner's phases and counters."""
+        if not metrics.enabled:
+            return
+        phases: dict[str, float] = {}
+        if self.precond is not None:
+            phases = {k: v - before.get(k, 0.0) for k, v in self.precond.timings.items()}
+            metrics.observe_preconditioner(self.precond)
+        phases["forward_backward"] = max(seconds - sum(phases.values()), 0.0)
+        tokens = y.numel() if self.task == "language_model" else 0
+        metrics.observe_step(
+            step=self.step, samples=x.shape[0], tokens=tokens, seconds=seconds, loss=loss, phases=phases
+        )
+
     def run(self) -> TrainResult:
         """Train to ``train.steps`` (or until preempted); checkpoint as configured."""
         job = self.job
@@ -230,15 +270,19 @@ class Worker:
         if resumed is not None:
             log.info("resumed from step %d", resumed)
         batches = self.loader.forever()
+        metrics = self._exporter()
         bar = _progress(job.train.steps, self.step, enabled=self.env.rank == 0)
         first = last = math.nan
         preempted = False
         start, start_step = time.perf_counter(), self.step
         every = job.checkpoint.every
-        with PreemptionHandler() as preempt:
+        with metrics, PreemptionHandler() as preempt:
             while self.step < job.train.steps:
                 x, y = next(batches)
+                before = dict(self.precond.timings) if self.precond is not None else {}
+                step_start = time.perf_counter()
                 loss = self.train_step(x, y)
+                self._observe(metrics, x, y, loss, time.perf_counter() - step_start, before)
                 first = loss if math.isnan(first) else first
                 last = loss
                 log_now = self.step % job.train.log_every == 0 or self.step == job.train.steps
@@ -253,6 +297,7 @@ class Worker:
                 stop = self._stop_requested(preempt.requested)
                 if (every and self.step % every == 0) or stop:
                     self.save()
+                    metrics.mark_checkpoint()
                 if stop:
                     preempted = True
                     log.warning(
