@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 from ngd_dist import KFACConfig, KFACPreconditioner  # noqa: E402
 from ngd_dist.distributed import LayerShape, make_plan  # noqa: E402
 from ngd_dist.distributed.spawn import run_ranks  # noqa: E402
+from ngd_dist.metrics import PHASES  # noqa: E402
 
 CONFIGS: dict[str, dict[str, Any] | None] = {
     "sgd": None,
@@ -45,15 +46,6 @@ CONFIGS: dict[str, dict[str, Any] | None] = {
     "kfac adaptive rr": {"refresh": "adaptive", "assignment": "round_robin"},
     "kfac adaptive greedy": {"refresh": "adaptive", "assignment": "greedy"},
 }
-PHASES = (
-    "forward_backward",
-    "factor_computation",
-    "factor_communication",
-    "decomposition",
-    "preconditioning",
-    "gradient_communication",
-    "optimizer",
-)
 
 
 def _model(width: int) -> nn.Module:
