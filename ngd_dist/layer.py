@@ -100,8 +100,3 @@ class KFACLayer:
     def g(self) -> Tensor | None:
         """Running G (on its owner)."""
         return self.factors["g"].running
-
-    @property
-    def ready(self) -> bool:
-        """Whether both decompositions are present here."""
-        return all(f.decomposition is not None for f in self.factors.values())

@@ -60,11 +60,6 @@ def pi_split(trace_a: float, dim_a: int, trace_g: float, dim_g: int) -> float:
     return math.sqrt(mean_a / mean_g)
 
 
-def trace(x: Tensor) -> float:
-    """Trace of a factor (the sum of a diagonal factor's vector)."""
-    return float(x.sum() if x.dim() == 1 else x.diagonal().sum())
-
-
 def inverse_shifts(
     trace_a: float, dim_a: int, trace_g: float, dim_g: int, damping: float
 ) -> tuple[float, float]:

@@ -41,6 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ngd_dist.config import KFACConfig
 from ngd_dist.curvature.capture import StatisticsCapture
+from ngd_dist.curvature.modules import accumulation_dtype
 from ngd_dist.distributed.assignment import FACTORS, LayerShape, grad_workers_for, make_plan
 from ngd_dist.distributed.buckets import Collectives, Layout, Slot
 from ngd_dist.distributed.comm import Communicator, default_communicator
@@ -376,12 +377,9 @@ class KFACPreconditioner:
             factor = self._factor(key)
             factor.fold_trace(trace_sum / count, decay)
             if self.plan.owner(*key) == rank:
-                factor.fold(reduced[key].to(self._accumulation_dtype(key)) / count, decay)
+                factor.fold(reduced[key].to(accumulation_dtype(self.config.factor_dtype)) / count, decay)  # type: ignore[arg-type]
         if accepted:
             self.stats.factor_refreshes += 1
-
-    def _accumulation_dtype(self, key: Key) -> torch.dtype:
-        return torch.float64 if self.config.factor_dtype == torch.float64 else torch.float32
 
     def _factor(self, key: Hashable) -> Factor:
         assert isinstance(key, tuple)

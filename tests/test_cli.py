@@ -133,50 +133,41 @@ def test_malformed_jobs_through_the_command_line(tmp_path: Path, capsys: pytest.
         assert len(err.splitlines()) == 1 and fragment in err and "Traceback" not in err, (case, err)
 
 
-def test_a_user_model_and_dataset_train_unmodified(tmp_path: Path) -> None:
-    env_path = os.environ.get("PYTHONPATH", "")
-    os.environ["PYTHONPATH"] = f"{ROOT}{os.pathsep}{env_path}" if env_path else str(ROOT)
-    try:
-        proc = ngd(
-            "train",
-            QUICK,
-            "--set",
-            "model.name=tests.fixtures.user_model:make_model",
-            "--set",
+def _sets(*pairs: str) -> list[str]:
+    """``--set`` before each ``key=value``."""
+    return [x for pair in pairs for x in ("--set", pair)]
+
+
+def test_a_user_model_and_dataset_train_unmodified(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = os.environ.get("PYTHONPATH", "")
+    monkeypatch.setenv("PYTHONPATH", f"{ROOT}{os.pathsep}{path}" if path else str(ROOT))
+    user = _sets(
+        "model.name=tests.fixtures.user_model:make_model",
+        "data.name=tests.fixtures.user_model:make_data",
+        "data.args={}",
+        "batch.per_rank=32",
+    )
+    proc = ngd(
+        "train",
+        QUICK,
+        *user,
+        *_sets(
             "model.args={hidden: 16}",
-            "--set",
-            "data.name=tests.fixtures.user_model:make_data",
-            "--set",
-            "data.args={}",
-            "--set",
-            "batch.per_rank=32",
-            "--set",
             "train.steps=20",
-            "--set",
             "preconditioner.output_module='2'",
-            "--set",
             f"checkpoint.dir={tmp_path}",
-        )
-        unnamed = ngd(
-            "train",
-            QUICK,
-            "--set",
-            "model.name=tests.fixtures.user_model:make_model",
-            "--set",
+        ),
+    )
+    unnamed = ngd(
+        "train",
+        QUICK,
+        *user,
+        *_sets(
             "model.args={}",
-            "--set",
-            "data.name=tests.fixtures.user_model:make_data",
-            "--set",
-            "data.args={}",
-            "--set",
-            "batch.per_rank=32",
-            "--set",
             "preconditioner.output_module=null",
-            "--set",
             f"checkpoint.dir={tmp_path / 'x'}",
-        )
-    finally:
-        os.environ["PYTHONPATH"] = env_path
+        ),
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary, first, last = _summary(proc.stdout)
     assert last < first, summary

@@ -73,10 +73,6 @@ class WorkPlan:
         """Column of ``rank``."""
         return rank % self.columns
 
-    def row_of(self, rank: int) -> int:
-        """Row of ``rank``."""
-        return rank // self.columns
-
     def grad_workers_of(self, layer: str) -> list[int]:
         """The ranks that compute ``layer``'s preconditioned gradient."""
         return self.column_ranks(self.layer_column[layer])

@@ -11,6 +11,7 @@ data position and RNG states are all restored.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import math
@@ -142,16 +143,16 @@ class Worker:
         restore_rng_state(state["rng"])
         self.step = int(state["step"])
 
-    def _all_reduce_min(self, value: int) -> int:
+    def _reduce(self, value: float, op: dist.ReduceOp.RedOpType, dtype: torch.dtype = torch.float64) -> float:
+        """``value`` reduced over all ranks with ``op`` (itself on one rank)."""
         if not self.env.distributed:
             return value
-        t = torch.tensor([value], dtype=torch.int64, device=self._collective_device)
-        dist.all_reduce(t, op=dist.ReduceOp.MIN)
-        return int(t.item())
+        t = torch.tensor([value], dtype=dtype, device=self.env.device)
+        dist.all_reduce(t, op=op)
+        return float(t.item())
 
-    @property
-    def _collective_device(self) -> torch.device:
-        return self.env.device
+    def _all_reduce_min(self, value: int) -> int:
+        return int(self._reduce(value, dist.ReduceOp.MIN, torch.int64))
 
     def resume(self) -> int | None:
         """Load the checkpoint ``checkpoint.resume`` asks for; return its step, or None."""
@@ -190,7 +191,7 @@ class Worker:
         total = 0.0
         for i, (xm, ym) in enumerate(zip(x.chunk(chunks), y.chunk(chunks), strict=True)):
             sync = i == chunks - 1 or not isinstance(self.model, DistributedDataParallel)
-            context = self.model.no_sync() if not sync else _nullcontext()  # type: ignore[operator]
+            context = self.model.no_sync() if not sync else contextlib.nullcontext()  # type: ignore[operator]
             with context:
                 with torch.autocast(
                     self.env.device.type, dtype=job.precision.torch_dtype, enabled=job.precision.autocast
@@ -212,18 +213,10 @@ class Worker:
         return total / chunks
 
     def _mean_over_ranks(self, value: float) -> float:
-        if not self.env.distributed:
-            return value
-        t = torch.tensor([value], dtype=torch.float64, device=self._collective_device)
-        dist.all_reduce(t)
-        return float(t.item()) / self.env.world_size
+        return self._reduce(value, dist.ReduceOp.SUM) / self.env.world_size
 
     def _stop_requested(self, local: bool) -> bool:
-        if not self.env.distributed:
-            return local
-        t = torch.tensor([int(local)], dtype=torch.int64, device=self._collective_device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return bool(self._reduce(int(local), dist.ReduceOp.MAX, torch.int64))
 
     def _exporter(self) -> MetricsExporter:
         """This rank's Prometheus exporter (disabled when metrics are off or the port is 0)."""
@@ -271,7 +264,7 @@ class Worker:
             log.info("resumed from step %d", resumed)
         batches = self.loader.forever()
         metrics = self._exporter()
-        bar = _progress(job.train.steps, self.step, enabled=self.env.rank == 0)
+        bar = _Progress(job.train.steps, self.step, enabled=self.env.rank == 0)
         first = last = math.nan
         preempted = False
         start, start_step = time.perf_counter(), self.step
@@ -279,7 +272,7 @@ class Worker:
         with metrics, PreemptionHandler() as preempt:
             while self.step < job.train.steps:
                 x, y = next(batches)
-                before = dict(self.precond.timings) if self.precond is not None else {}
+                before = dict(self.precond.timings) if self.precond is not None and metrics.enabled else {}
                 step_start = time.perf_counter()
                 loss = self.train_step(x, y)
                 self._observe(metrics, x, y, loss, time.perf_counter() - step_start, before)
@@ -320,14 +313,6 @@ class Worker:
         )
 
 
-class _nullcontext:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-
 class _Progress:
     """tqdm on rank 0 (to stderr), nothing elsewhere."""
 
@@ -346,10 +331,6 @@ class _Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-
-
-def _progress(total: int, initial: int, enabled: bool) -> _Progress:
-    return _Progress(total, initial, enabled)
 
 
 def configure_logging(rank: int) -> None:
