@@ -4,6 +4,7 @@ mismatch."""
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -19,6 +20,7 @@ def main() -> int:
     from mpi4py import MPI
 
     from ngd_dist.distributed.mpi import init_from_mpi
+    from ngd_dist.train.environment import teardown
     from tests.test_distributed import SCENARIOS, _train
 
     rank, world = init_from_mpi("gloo", timeout_s=60)
@@ -35,6 +37,10 @@ def main() -> int:
     diffs = MPI.COMM_WORLD.gather(worst, root=0)
     if rank == 0:
         print(json.dumps({"world": world, "checked": checked, "max_rel_diff": max(diffs)}), flush=True)
+    # release DDP and the process groups before the interpreter exits (as the worker does), or a
+    # gloo thread can abort the process at shutdown
+    gc.collect()
+    teardown()
     return 0 if worst < 2e-5 else 1
 
 
