@@ -6,15 +6,20 @@ VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
-SYSTEM_PACKAGES := openmpi-bin libopenmpi-dev
+# Debian packages and the commands that show they are installed.
+SYSTEM_PACKAGES := openmpi-bin libopenmpi-dev prometheus
+SYSTEM_COMMANDS := mpirun mpicc prometheus promtool
 
 .PHONY: run test lint bench clean system-packages
 
-# Open MPI (for mpirun and mpi4py) from Debian's packages, installed once when missing (needs root).
+# Open MPI (mpirun, mpi4py) and Prometheus (the server and promtool, for the observability tests)
+# from Debian's packages, installed once when a command is missing (needs root).
 system-packages:
-	@command -v mpirun >/dev/null && command -v mpicc >/dev/null || { \
+	@missing=0; for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null || missing=1; done; \
+	if [ $$missing = 1 ]; then \
 	  echo "installing $(SYSTEM_PACKAGES)"; \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES); }
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    $(SYSTEM_PACKAGES); fi
 
 $(STAMP): pyproject.toml | system-packages
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
