@@ -43,6 +43,9 @@ def _worker(fn: Callable[..., Any], rank: int, world: int, port: int, args: tupl
         )
         result = fn(rank, world, *args)
         out.put((rank, "ok", result))
+        # Every rank finished: wait for the others before tearing down, or a rank that leaves
+        # first can abort a peer still inside its last collective.
+        dist.barrier()
     except BaseException:  # noqa: BLE001 - reported to the parent
         out.put((rank, "error", traceback.format_exc()))
     finally:
