@@ -245,3 +245,22 @@ def test_close_frees_the_port() -> None:
         s.listen()
     again = MetricsExporter(rank=0, world_size=1, port=port)
     again.close()
+
+
+def test_job_throughput_on_rank_0_only_and_quality_series_once_observed(exporter: MetricsExporter) -> None:
+    zero = MetricsExporter(rank=0, world_size=4, port=free_port())
+    try:
+        for ex in (zero, exporter):
+            ex.observe_job(samples=4 * 32, tokens=4 * 320, seconds=0.5)
+            ex.observe_job(samples=4 * 32, tokens=4 * 320, seconds=1.5)
+        s0, s3 = scrape(zero), scrape(exporter)
+        assert value(s0, "ngd_job_samples_per_second", rank="0") == pytest.approx(128.0)
+        assert value(s0, "ngd_job_tokens_per_second", rank="0") == pytest.approx(1280.0)
+        assert not any(name.startswith("ngd_job_") for name, _ in s3)
+        assert not any(name.startswith("ngd_quality_") for name, _ in s3)  # absent until observed
+        exporter.observe_quality(gamma=0.25, seconds=0.125)
+        s3 = scrape(exporter)
+        assert value(s3, "ngd_quality_gamma") == 0.25
+        assert value(s3, "ngd_quality_seconds") == 0.125
+    finally:
+        zero.close()

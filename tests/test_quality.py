@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import math
+import socket
+import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from prometheus_client.parser import text_string_to_metric_families
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from ngd_dist.distributed.spawn import free_port, run_ranks
+from ngd_dist.jobs import Job, load_job
+from ngd_dist.metrics import MetricsExporter
 from ngd_dist.metrics.quality import QualityProbe, quality_indicator
+from ngd_dist.train.environment import Environment
 from ngd_dist.train.models import gpt
+from ngd_dist.train.worker import Worker
 
 
 def _flat_model_fn(model: nn.Module, inputs: Tensor):  # noqa: ANN202 (a closure for jacobian())
@@ -252,3 +261,110 @@ def test_bad_arguments_are_named() -> None:
         QualityProbe.draw(model, x, y, size=0, seed=0, loss="classification")
     zero = quality_indicator(model, x, y, {"0.bias": torch.zeros(5, dtype=torch.float64)})
     assert math.isnan(zero.gamma)
+
+
+# -- the training worker -------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+GPT_SMALL = [
+    "model.args={vocab_size: 32, block_size: 16, d_model: 32, n_layer: 1, n_head: 2, dropout: 0.0}",
+    "data.args={n_sequences: 256, block_size: 16, vocab_size: 32, seed: 0}",
+    "batch.per_rank=8",
+    "schedule.warmup_steps=0",
+    "preconditioner.factor_every=1",
+    "preconditioner.inverse_every=2",
+]
+
+
+def _job(config: str, directory: Path, port: int, quality_every: int, *extra: str) -> Job:
+    overrides = [
+        "train.steps=6",
+        f"metrics.quality_every={quality_every}",
+        f"metrics.port={port}",
+        f"checkpoint.dir={directory}",
+        "checkpoint.every=0",
+        "checkpoint.resume=never",
+        *extra,
+    ]
+    return load_job(ROOT / "configs" / config, overrides)
+
+
+def _train(job: Job, env: Environment) -> tuple[Worker, dict[tuple[str, str], float]]:
+    """Run ``job`` in this process; scrape /metrics over HTTP just before the exporter closes."""
+    texts: list[str] = []
+    original = MetricsExporter.close
+
+    def scrape_then_close(self: MetricsExporter) -> None:
+        if self._server is not None:
+            with urllib.request.urlopen(self.url + "/metrics", timeout=10) as response:
+                texts.append(response.read().decode())
+        original(self)
+
+    MetricsExporter.close = scrape_then_close  # type: ignore[method-assign]
+    try:
+        torch.manual_seed(job.seed + env.rank)
+        worker = Worker(job, env)
+        worker.run()
+    finally:
+        MetricsExporter.close = original  # type: ignore[method-assign]
+    samples = {
+        (s.name, s.labels.get("rank", "")): s.value
+        for family in text_string_to_metric_families(texts[0])
+        for s in family.samples
+        if "phase" not in s.labels and "le" not in s.labels
+    }
+    return worker, samples
+
+
+@pytest.mark.parametrize(
+    ("config", "extra"), [("quickstart.yaml", []), ("gpt_lm.yaml", GPT_SMALL)], ids=["mlp", "gpt"]
+)
+def test_a_job_exports_gamma_without_changing_what_it_trains(
+    config: str, extra: list[str], tmp_path: Path
+) -> None:
+    env = Environment(0, 1, 0, torch.device("cpu"), "single")
+    off, off_metrics = _train(_job(config, tmp_path / "off", free_port(), 0, *extra), env)
+    on, on_metrics = _train(_job(config, tmp_path / "on", free_port(), 2, *extra), env)
+    gamma = on_metrics[("ngd_quality_gamma", "0")]
+    assert math.isfinite(gamma) and gamma > 0
+    assert 0 < on_metrics[("ngd_quality_seconds", "0")] < 60
+    assert on.quality is not None and on.quality.method == "jvp" and on.last_gamma == gamma
+    assert len(on.quality.inputs) == 32
+    assert not any(name.startswith("ngd_quality") for name, _ in off_metrics)
+    assert off.quality is None
+    for (name, p), q in zip(off.base_model.named_parameters(), on.base_model.parameters(), strict=True):
+        assert torch.equal(p, q), name  # bit-identical: the probe changes nothing in training
+    # world size 1: the job-wide rates are this rank's
+    for kind in ("samples", "tokens"):
+        assert on_metrics[(f"ngd_job_{kind}_per_second", "0")] == on_metrics[(f"ngd_{kind}_per_second", "0")]
+    assert (on_metrics[("ngd_job_tokens_per_second", "0")] > 0) == (config == "gpt_lm.yaml")
+
+
+def _rank_of_two(rank: int, world: int, directory: str, port: int) -> dict[tuple[str, str], float]:
+    env = Environment(rank, world, rank, torch.device("cpu"), "torchrun")
+    _, samples = _train(_job("quickstart.yaml", Path(directory), port, 1, "train.steps=3"), env)
+    return samples
+
+
+def test_two_ranks_export_their_own_gamma_and_rank_0_the_job_throughput(tmp_path: Path) -> None:
+    port = free_port()
+    while True:  # a free pair (port, port + 1)
+        try:
+            with socket.socket() as sock:
+                sock.bind(("127.0.0.1", port + 1))
+            break
+        except OSError:
+            port = free_port()
+    ranks = run_ranks(_rank_of_two, 2, str(tmp_path), port, timeout=180)
+    for rank, samples in enumerate(ranks):
+        gamma = samples[("ngd_quality_gamma", str(rank))]
+        assert math.isfinite(gamma) and gamma > 0
+    assert ranks[0][("ngd_quality_gamma", "0")] != ranks[1][("ngd_quality_gamma", "1")]  # different probes
+    # rank 0: both ranks' samples (256 each) over rank 0's step times
+    job_rate, own_rate = (
+        ranks[0][("ngd_job_samples_per_second", "0")],
+        ranks[0][("ngd_samples_per_second", "0")],
+    )
+    assert job_rate == pytest.approx(2 * own_rate, rel=1e-12) and job_rate > 0
+    assert ranks[0][("ngd_job_tokens_per_second", "0")] == 0
+    assert not any(name.startswith("ngd_job_") for name, _ in ranks[1])

@@ -453,7 +453,14 @@ class MetricsSpec:
     """A step taking longer than this marks the job stalled, > 0."""
 
     quality_every: int = 0
-    """Compute curvature-quality metrics every this many steps; 0 disables them."""
+    """Every this many steps, measure the update-quality indicator γ of the iEF paper (Eq. 15) of the
+    step's update on a fixed probe batch and export it as ``ngd_quality_gamma``
+    (:mod:`ngd_dist.metrics.quality`); 0 disables it. Needs the exporter (``enabled`` and a port);
+    costs about one forward and one forward-mode pass over the probe per measurement."""
+
+    quality_probe: int = 32
+    """Samples in each rank's probe batch for ``quality_every`` (drawn once from the training data,
+    different on each rank), >= 1."""
 
     @classmethod
     def parse(cls, data: object, path: str = "metrics") -> MetricsSpec:
@@ -468,6 +475,12 @@ class MetricsSpec:
             ),
             stall_seconds=s.number("stall_seconds", d.stall_seconds, low=0.0, open_low=True),
             quality_every=s.integer("quality_every", d.quality_every, minimum=0),
+            quality_probe=s.integer(
+                "quality_probe",
+                d.quality_probe,
+                minimum=1,
+                expected="an integer >= 1 (samples in the probe batch)",
+            ),
         )
 
 

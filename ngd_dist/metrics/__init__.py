@@ -7,5 +7,15 @@ from ngd_dist.metrics.exporter import (
     MetricsPortError,
     PreconditionerLike,
 )
+from ngd_dist.metrics.quality import Quality, QualityProbe, quality_indicator
 
-__all__ = ["COMM_KINDS", "PHASES", "MetricsExporter", "MetricsPortError", "PreconditionerLike"]
+__all__ = [
+    "COMM_KINDS",
+    "PHASES",
+    "MetricsExporter",
+    "MetricsPortError",
+    "PreconditionerLike",
+    "Quality",
+    "QualityProbe",
+    "quality_indicator",
+]

@@ -167,6 +167,7 @@ class MetricsExporter:
         self._last_advance = self._started
         self._checkpoint_at = self._started
         self._window: deque[tuple[float, int, int]] = deque(maxlen=RATE_WINDOW)
+        self._job_window: deque[tuple[float, int, int]] = deque(maxlen=RATE_WINDOW)
         self._seen: dict[str, float] = {}
         self._warned_phases: set[str] = set()
         self._server: _Server | None = None
@@ -238,6 +239,35 @@ class MetricsExporter:
                     log.warning("metrics: unknown phase %r dropped (known: %s)", name, ", ".join(PHASES))
                 continue
             child.observe(max(float(value), 0.0))
+
+    def observe_job(self, *, samples: int, tokens: int = 0, seconds: float) -> None:
+        """Record one step's job-wide totals (exported by rank 0 only; a no-op elsewhere).
+
+        Args:
+            samples: samples processed in this step by all ranks together.
+            tokens: tokens processed in this step by all ranks together (0 when not a token model).
+            seconds: wall time of the step on this rank.
+        """
+        if not self.enabled or self.rank != 0:
+            return
+        with self._lock:
+            self._job_window.append((max(seconds, 0.0), samples, tokens))
+            elapsed = sum(s for s, _, _ in self._job_window)
+            n_samples = sum(n for _, n, _ in self._job_window)
+            n_tokens = sum(t for _, _, t in self._job_window)
+        if elapsed > 0:
+            self._job_samples_rate.set(n_samples / elapsed)
+            self._job_tokens_rate.set(n_tokens / elapsed)
+
+    def observe_quality(self, *, gamma: float, seconds: float) -> None:
+        """Record the update-quality indicator γ of a probe and the probe's wall time.
+
+        The ``ngd_quality_*`` series appear at the first call (they are absent while the probe is off).
+        """
+        if not self.enabled:
+            return
+        self._quality_gamma.labels(rank=str(self.rank)).set(float(gamma))
+        self._quality_seconds.labels(rank=str(self.rank)).set(max(float(seconds), 0.0))
 
     def observe_preconditioner(self, precond: PreconditionerLike) -> None:
         """Export the preconditioner's counters, last values, bytes and refresh intervals.
@@ -371,6 +401,28 @@ class MetricsExporter:
         ).set_function(self._seconds_since_checkpoint)
         self._last_step_ts = gauge("ngd_last_step_timestamp_seconds", "Unix time of the last observed step.")
         gauge("ngd_world_size", "Ranks in the job.").set(self.world_size)
+        if self.rank == 0:
+            self._job_samples_rate = gauge(
+                "ngd_job_samples_per_second",
+                f"Samples per second of the whole job (all ranks) over the last {RATE_WINDOW} steps.",
+            )
+            self._job_tokens_rate = gauge(
+                "ngd_job_tokens_per_second",
+                f"Tokens per second of the whole job (all ranks) over the last {RATE_WINDOW} steps.",
+            )
+        self._quality_gamma = Gauge(
+            "ngd_quality_gamma",
+            "Update-quality indicator gamma (iEF paper, Eq. 15) of the last probed step on this rank's probe "
+            "batch: (d'Fd)^(1/2)/|d'grad L| for the applied update d; lower is better.",
+            ["rank"],
+            registry=reg,
+        )
+        self._quality_seconds = Gauge(
+            "ngd_quality_seconds",
+            "Wall time of the last quality probe (not counted in step time).",
+            ["rank"],
+            registry=reg,
+        )
         gauge("ngd_start_timestamp_seconds", "Unix time the exporter started.").set(time.time())
 
     def _seconds_since_checkpoint(self) -> float:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ngd_dist.jobs import Job, JobError, job_to_dict
-from ngd_dist.metrics import MetricsExporter, MetricsPortError
+from ngd_dist.metrics import MetricsExporter, MetricsPortError, QualityProbe
 from ngd_dist.preconditioner import KFACPreconditioner
 from ngd_dist.train.checkpoint import CheckpointStore, PreemptionHandler, capture_rng_state, restore_rng_state
 from ngd_dist.train.data import ShardedLoader
@@ -79,6 +79,19 @@ class Worker:
             seed=job.seed,
             device=env.device,
         )
+        self.quality: QualityProbe | None = None
+        """The update-quality probe of ``metrics.quality_every`` (None when off)."""
+        self.last_gamma: float | None = None
+        if job.metrics.enabled and job.metrics.port and job.metrics.quality_every > 0:
+            self.quality = QualityProbe.draw(
+                self.base_model,
+                x,
+                y,
+                size=job.metrics.quality_probe,
+                seed=job.seed * 7919 + env.rank,
+                loss=self.task,
+                device=env.device,
+            )
         self.optimizer = build_optimizer(job.optimizer, self.model)
         base_lr = job.optimizer.lr
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -215,8 +228,39 @@ class Worker:
     def _mean_over_ranks(self, value: float) -> float:
         return self._reduce(value, dist.ReduceOp.SUM) / self.env.world_size
 
-    def _stop_requested(self, local: bool) -> bool:
-        return bool(self._reduce(int(local), dist.ReduceOp.MAX, torch.int64))
+    def _stop_requested(self, local: bool, samples: int = 0, tokens: int = 0) -> tuple[bool, int, int]:
+        """Whether any rank asks to stop, and this step's samples and tokens summed over ranks.
+
+        One all-reduce per step carries all three (a SUM: the stop flags add up to > 0 when any is set).
+        """
+        if not self.env.distributed:
+            return local, samples, tokens
+        t = torch.tensor([int(local), samples, tokens], dtype=torch.int64, device=self.env.device)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        stops, total_samples, total_tokens = (int(v) for v in t.tolist())
+        return stops > 0, total_samples, total_tokens
+
+    def _tokens(self, y: Tensor) -> int:
+        return y.numel() if self.task == "language_model" else 0
+
+    def _quality_snapshot(self, metrics: MetricsExporter) -> tuple[dict[str, Tensor], float] | None:
+        """The parameters before this step and the seconds the copy took, if the probe measures this step."""
+        every = self.job.metrics.quality_every
+        if self.quality is None or not metrics.enabled or (self.step + 1) % every:
+            return None
+        start = time.perf_counter()
+        return self.quality.snapshot(), time.perf_counter() - start
+
+    def _measure_quality(
+        self, metrics: MetricsExporter, snapshot: tuple[dict[str, Tensor], float] | None
+    ) -> None:
+        """γ of the step just taken (``ngd_quality_gamma``), if :meth:`_quality_snapshot` took a snapshot."""
+        if snapshot is None or self.quality is None:
+            return
+        before, seconds = snapshot
+        start = time.perf_counter()
+        self.last_gamma = self.quality.measure(before).gamma
+        metrics.observe_quality(gamma=self.last_gamma, seconds=seconds + time.perf_counter() - start)
 
     def _exporter(self) -> MetricsExporter:
         """This rank's Prometheus exporter (disabled when metrics are off or the port is 0)."""
@@ -251,7 +295,7 @@ class Worker:
             phases = {k: v - before.get(k, 0.0) for k, v in self.precond.timings.items()}
             metrics.observe_preconditioner(self.precond)
         phases["forward_backward"] = max(seconds - sum(phases.values()), 0.0)
-        tokens = y.numel() if self.task == "language_model" else 0
+        tokens = self._tokens(y)
         metrics.observe_step(
             step=self.step, samples=x.shape[0], tokens=tokens, seconds=seconds, loss=loss, phases=phases
         )
@@ -273,9 +317,12 @@ class Worker:
             while self.step < job.train.steps:
                 x, y = next(batches)
                 before = dict(self.precond.timings) if self.precond is not None and metrics.enabled else {}
+                snapshot = self._quality_snapshot(metrics)
                 step_start = time.perf_counter()
                 loss = self.train_step(x, y)
-                self._observe(metrics, x, y, loss, time.perf_counter() - step_start, before)
+                seconds = time.perf_counter() - step_start
+                self._observe(metrics, x, y, loss, seconds, before)
+                self._measure_quality(metrics, snapshot)
                 first = loss if math.isnan(first) else first
                 last = loss
                 log_now = self.step % job.train.log_every == 0 or self.step == job.train.steps
@@ -284,10 +331,13 @@ class Worker:
                     rate = (
                         (self.step - start_step) * self.global_batch / max(time.perf_counter() - start, 1e-9)
                     )
-                    bar.update_to(self.step, loss=mean, rate=rate)
+                    bar.update_to(self.step, loss=mean, rate=rate, gamma=self.last_gamma)
                     if self.env.rank != 0:
                         log.debug("step %d loss %.4f", self.step, loss)
-                stop = self._stop_requested(preempt.requested)
+                stop, job_samples, job_tokens = self._stop_requested(
+                    preempt.requested, x.shape[0], self._tokens(y)
+                )
+                metrics.observe_job(samples=job_samples, tokens=job_tokens, seconds=seconds)
                 if (every and self.step % every == 0) or stop:
                     self.save()
                     metrics.mark_checkpoint()
@@ -323,10 +373,11 @@ class _Progress:
 
             self.bar = tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True)
 
-    def update_to(self, step: int, *, loss: float, rate: float) -> None:
+    def update_to(self, step: int, *, loss: float, rate: float, gamma: float | None = None) -> None:
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:.0f}")
+            extra = {"gamma": f"{gamma:.3g}"} if gamma is not None else {}
+            self.bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:.0f}", **extra)
 
     def close(self) -> None:
         if self.bar is not None:
