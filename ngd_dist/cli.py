@@ -1,8 +1,8 @@
 """The ``ngd-dist`` command line.
 
 - ``ngd-dist train CONFIG [--set a.b=value ...]``: one worker; runs alone or under any launcher.
-- ``ngd-dist launch CONFIG --launcher torchrun|mpirun --nproc N [...] [--dry-run]``: start the
-  workers through a launcher.
+- ``ngd-dist launch CONFIG --launcher torchrun|mpirun|deepspeed --nproc N [...] [--dry-run]``:
+  start the workers through a launcher (deepspeed: the workers run ``train --deepspeed``).
 - ``ngd-dist validate CONFIG [--set ...]``: check a job and print it resolved, without running it.
 - ``ngd-dist quickstart``: a single-process demo on the embedded digits data.
 
@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 from ngd_dist.config import CURVATURES
+from ngd_dist.launch import LAUNCHERS
 
 EXIT_BAD_INPUT = 2
 
@@ -43,22 +44,39 @@ def _add_job(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _accept_local_rank(parser: argparse.ArgumentParser) -> None:
+    """Accept and ignore ``--local_rank=N``, which DeepSpeed's launcher passes to every worker."""
+    parser.add_argument(
+        "--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``ngd-dist`` and its subcommands."""
     parser = argparse.ArgumentParser(prog="ngd-dist", description="Distributed natural-gradient training.")
+    _accept_local_rank(parser)
     sub = parser.add_subparsers(dest="command", required=True)
-    _add_job(sub.add_parser("train", help="run one worker of a job (alone or under a launcher)"))
+    train = sub.add_parser("train", help="run one worker of a job (alone or under a launcher)")
+    _add_job(train)
+    _accept_local_rank(train)
+    train.add_argument(
+        "--deepspeed",
+        action="store_true",
+        help="step through a DeepSpeed engine (added by `launch --launcher deepspeed`)",
+    )
     _add_job(sub.add_parser("validate", help="check a job without running it; print it resolved"))
-    launch = sub.add_parser("launch", help="start a job's workers through torchrun or mpirun")
+    launch = sub.add_parser("launch", help="start a job's workers through torchrun, mpirun or deepspeed")
     _add_job(launch)
-    launch.add_argument("--launcher", choices=("torchrun", "mpirun"), default="torchrun")
+    launch.add_argument("--launcher", choices=LAUNCHERS, default="torchrun")
     launch.add_argument("--nproc", type=_positive_int, default=1, help="workers per node")
     launch.add_argument("--nnodes", type=_positive_int, default=1)
     launch.add_argument("--node-rank", type=int, default=0)
     launch.add_argument("--master-addr", default="127.0.0.1")
     launch.add_argument("--master-port", type=int, default=29500)
     launch.add_argument("--max-restarts", type=int, default=0, help="torchrun: restarts after a worker fails")
-    launch.add_argument("--hostfile", help="mpirun: Open MPI hostfile (see launch/hostfile.example)")
+    launch.add_argument(
+        "--hostfile", help="mpirun, deepspeed: hostfile of the nodes (see launch/hostfile.example)"
+    )
     launch.add_argument("--dry-run", action="store_true", help="print the launcher command and exit")
     quick = sub.add_parser("quickstart", help="single-process demo: an MLP on the embedded digits data")
     quick.add_argument("--steps", type=_positive_int, default=60)
@@ -92,35 +110,43 @@ def main(argv: list[str] | None = None) -> int:
             job = _load(args.config, args.overrides)
             from ngd_dist.train.worker import run_job
 
-            result = run_job(job, job_dir=Path(args.config).resolve().parent)
+            result = run_job(job, job_dir=Path(args.config).resolve().parent, deepspeed=args.deepspeed)
             return 0 if result.steps > 0 else 1
         if args.command == "launch":
-            from ngd_dist.launch import LaunchSpec, build_command, format_command
+            from ngd_dist.launch import LaunchSpec, build_command, format_command, launch_env
 
             job = _load(args.config, args.overrides)
             job.batch.check_world(args.nproc * args.nnodes)
-            if args.launcher == "mpirun" and args.nnodes > 1 and not args.hostfile:
+            if args.launcher in ("mpirun", "deepspeed") and args.nnodes > 1 and not args.hostfile:
                 raise JobError(
-                    "--hostfile: mpirun over several nodes needs a hostfile (launch/hostfile.example)"
+                    f"--hostfile: {args.launcher} over several nodes needs a hostfile "
+                    "(launch/hostfile.example)"
                 )
-            argv_ = build_command(
-                LaunchSpec(
-                    config=args.config,
-                    launcher=args.launcher,
-                    nproc=args.nproc,
-                    overrides=args.overrides,
-                    nnodes=args.nnodes,
-                    node_rank=args.node_rank,
-                    master_addr=args.master_addr,
-                    master_port=args.master_port,
-                    max_restarts=args.max_restarts,
-                    hostfile=args.hostfile,
-                )
+            if args.launcher == "deepspeed":
+                from ngd_dist.train.deepspeed_engine import check_job
+
+                check_job(job)
+                if args.max_restarts:
+                    raise JobError(
+                        f"--max-restarts: got {args.max_restarts}; only --launcher torchrun restarts workers"
+                    )
+            spec = LaunchSpec(
+                config=args.config,
+                launcher=args.launcher,
+                nproc=args.nproc,
+                overrides=args.overrides,
+                nnodes=args.nnodes,
+                node_rank=args.node_rank,
+                master_addr=args.master_addr,
+                master_port=args.master_port,
+                max_restarts=args.max_restarts,
+                hostfile=args.hostfile,
             )
+            argv_ = build_command(spec)
             print(format_command(argv_), file=sys.stderr if not args.dry_run else sys.stdout, flush=True)
             if args.dry_run:
                 return 0
-            return subprocess.call(argv_)
+            return subprocess.call(argv_, env=launch_env(spec))
     except JobError as exc:
         print(f"ngd-dist {args.command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

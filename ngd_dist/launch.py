@@ -5,6 +5,14 @@
 - mpirun (Open MPI): ``mpirun -np N [--hostfile F] [--allow-run-as-root] -x PATH -x PYTHONPATH
   python -m ngd_dist.cli train CONFIG ...``; ranks and the rendezvous come from MPI, so no
   ``MASTER_ADDR`` is needed. ``--allow-run-as-root`` is added when running as root (containers).
+- deepspeed: ``deepspeed --num_gpus N [--hostfile F --num_nodes M --no_ssh --node_rank R]
+  --master_addr A --master_port P --module ngd_dist.cli train CONFIG --deepspeed ...``, the
+  ``deepspeed`` script next to this Python. ``--num_gpus`` is the number of workers per node (CPU
+  ranks where there is no GPU); the launcher adds ``--local_rank=N``, which the CLI accepts and
+  ignores. Several nodes need a hostfile (``host slots=N`` lines) and, like torchrun, one launch per
+  node with its ``--node-rank`` (DeepSpeed's ``--no_ssh`` mode: no pdsh or ssh between nodes).
+  ``--deepspeed`` makes the worker step through DeepSpeed's engine
+  (:mod:`ngd_dist.train.deepspeed_engine`); :func:`launch_env` sets ``TORCH_EXTENSIONS_DIR``.
 """
 
 from __future__ import annotations
@@ -13,9 +21,11 @@ import os
 import shlex
 import shutil
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
-LAUNCHERS = ("torchrun", "mpirun")
+LAUNCHERS = ("torchrun", "mpirun", "deepspeed")
 
 
 @dataclass(kw_only=True)
@@ -43,6 +53,8 @@ def build_command(spec: LaunchSpec) -> list[str]:
     worker = ["-m", "ngd_dist.cli", "train", spec.config]
     for override in spec.overrides:
         worker += ["--set", override]
+    if spec.launcher == "deepspeed":
+        return _deepspeed_command(spec) + worker[1:] + ["--deepspeed"]  # --module: no "-m"
     if spec.launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(spec.nproc)]
         if spec.nnodes > 1:
@@ -72,6 +84,45 @@ def build_command(spec: LaunchSpec) -> list[str]:
         if name in os.environ:
             cmd += ["-x", name]
     return cmd + [sys.executable] + worker
+
+
+def _deepspeed_command(spec: LaunchSpec) -> list[str]:
+    """DeepSpeed's launcher, up to the module it runs (``--module``: ``python -m``)."""
+    beside = Path(sys.executable).with_name("deepspeed")
+    exe = str(beside) if beside.exists() else shutil.which("deepspeed") or "deepspeed"
+    cmd = [exe, "--num_gpus", str(spec.nproc)]
+    if spec.nnodes > 1:
+        if not spec.hostfile:
+            raise ValueError("--hostfile: deepspeed over several nodes needs a hostfile")
+        cmd += [
+            "--hostfile",
+            spec.hostfile,
+            "--num_nodes",
+            str(spec.nnodes),
+            "--no_ssh",
+            "--node_rank",
+            str(spec.node_rank),
+        ]
+    cmd += ["--master_addr", spec.master_addr, "--master_port", str(spec.master_port), "--module"]
+    return cmd
+
+
+def launch_env(spec: LaunchSpec, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment to start ``spec``'s launcher in.
+
+    ``environ`` (default ``os.environ``), plus for DeepSpeed, when they are unset:
+    ``TORCH_EXTENSIONS_DIR`` (see :mod:`ngd_dist.train.deepspeed_engine`), and with several workers
+    per node ``OMP_NUM_THREADS=1``, which torchrun sets on its own (without it the ranks' thread pools
+    compete for the cores: the quickstart runs 2-3x slower on 2 cores).
+    """
+    env = dict(os.environ if environ is None else environ)
+    if spec.launcher == "deepspeed":
+        from ngd_dist.train.deepspeed_engine import ensure_extensions_dir
+
+        ensure_extensions_dir(env)
+        if spec.nproc > 1:
+            env.setdefault("OMP_NUM_THREADS", "1")
+    return env
 
 
 def format_command(argv: list[str]) -> str:

@@ -33,7 +33,7 @@ import time
 from collections import Counter, defaultdict
 from collections.abc import Hashable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -54,6 +54,19 @@ from ngd_dist.staleness import AdaptiveInterval, AdaptiveSchedule, FixedSchedule
 
 STATE_VERSION = 2
 Key = tuple[str, str]
+
+
+class ParamGroups(Protocol):
+    """What the preconditioner reads of an optimizer: groups of ``params`` with their ``lr``.
+
+    Any ``torch.optim.Optimizer`` is one; so is ``ngd_dist.train.deepspeed_engine.LearningRates``,
+    which maps the model's parameters to the learning rates of an optimizer wrapped by DeepSpeed.
+    """
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The groups, each a dict with at least ``"params"`` and ``"lr"``."""
+        ...
 
 
 @dataclass
@@ -92,7 +105,7 @@ class KFACPreconditioner:
         model: nn.Module,
         config: KFACConfig | None = None,
         *,
-        optimizer: torch.optim.Optimizer | None = None,
+        optimizer: ParamGroups | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
         communicator: Communicator | None = None,
     ) -> None:

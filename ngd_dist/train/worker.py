@@ -19,7 +19,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -35,6 +35,9 @@ from ngd_dist.train.data import ShardedLoader
 from ngd_dist.train.environment import Environment, setup, teardown
 from ngd_dist.train.optim import build_optimizer
 from ngd_dist.train.registry import build_dataset, build_model, output_module_of, task_of
+
+if TYPE_CHECKING:
+    from ngd_dist.train.deepspeed_engine import DeepSpeedEngine
 
 log = logging.getLogger("ngd_dist.train")
 
@@ -56,8 +59,14 @@ class TrainResult:
 class Worker:
     """Everything one rank needs to train a job."""
 
-    def __init__(self, job: Job, env: Environment, *, job_dir: Path | None = None) -> None:
-        """Build model, data, optimizer, schedule and preconditioner for ``job`` on ``env``."""
+    def __init__(
+        self, job: Job, env: Environment, *, job_dir: Path | None = None, deepspeed: bool = False
+    ) -> None:
+        """Build model, data, optimizer, schedule and preconditioner for ``job`` on ``env``.
+
+        ``deepspeed``: step through a DeepSpeed engine (:mod:`ngd_dist.train.deepspeed_engine`)
+        instead of DDP and the optimizer alone.
+        """
         self.job, self.env = job, env
         paths = (str(job_dir),) if job_dir is not None else ()
         self.global_batch = job.batch.check_world(env.world_size)
@@ -65,7 +74,7 @@ class Worker:
         self.task = task_of(job.model.name, model)
         self.base_model = model.to(env.device)
         self.model: nn.Module = self.base_model
-        if env.distributed:
+        if env.distributed and not deepspeed:
             device_ids = [env.local_rank] if env.device.type == "cuda" else None
             self.model = DistributedDataParallel(self.base_model, device_ids=device_ids)
         x, y = build_dataset(job.data.name, job.data.args, seed=job.seed, import_paths=paths)
@@ -98,6 +107,11 @@ class Worker:
             self.optimizer, lambda step: job.lr_at(step) / base_lr
         )
         self.scaler = torch.amp.GradScaler(env.device.type, enabled=job.precision.use_grad_scaler)
+        self.engine: DeepSpeedEngine | None = None
+        if deepspeed:
+            from ngd_dist.train.deepspeed_engine import DeepSpeedEngine
+
+            self.engine = DeepSpeedEngine(job, self.base_model, self.optimizer)
         self.precond: KFACPreconditioner | None = None
         config = job.kfac_config()
         if config is not None:
@@ -117,7 +131,10 @@ class Worker:
                     f"curvature {config.curvature!r} needs them",
                 )
             self.precond = KFACPreconditioner(
-                self.model, config, optimizer=self.optimizer, grad_scaler=self.scaler
+                self.model,
+                config,
+                optimizer=self.optimizer if self.engine is None else self.engine.learning_rates,
+                grad_scaler=self.scaler,
             )
         self.store = (
             CheckpointStore(
@@ -135,7 +152,7 @@ class Worker:
         return {
             "step": self.step,
             "model": self.base_model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.engine is None else self.engine.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "preconditioner": self.precond.state_dict() if self.precond is not None else {},
@@ -147,7 +164,15 @@ class Worker:
     def load(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state`'s output."""
         self.base_model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        if self.engine is not None:
+            self.engine.load_state_dict(state["optimizer"])
+        elif "masters" in state["optimizer"]:
+            raise JobError(
+                "checkpoint.resume: the checkpoint was written under --launcher deepspeed; "
+                "resume it with that launcher, or set checkpoint.resume=never"
+            )
+        else:
+            self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         if self.precond is not None and state["preconditioner"]:
@@ -199,6 +224,11 @@ class Worker:
     def train_step(self, x: Tensor, y: Tensor) -> float:
         """One optimizer step over ``batch.accumulation`` micro-batches; returns the mean loss."""
         job = self.job
+        if self.engine is not None:
+            mean = self.engine.train_step(x, y, self._loss, self.precond)
+            self.scheduler.step()
+            self.step += 1
+            return mean
         chunks = job.batch.accumulation
         self.optimizer.zero_grad(set_to_none=True)
         total = 0.0
@@ -394,15 +424,18 @@ def configure_logging(rank: int) -> None:
     root.propagate = False
 
 
-def run_job(job: Job, *, job_dir: Path | None = None) -> TrainResult:
-    """Set up the distributed environment, train ``job``, print the summary on rank 0."""
+def run_job(job: Job, *, job_dir: Path | None = None, deepspeed: bool = False) -> TrainResult:
+    """Set up the distributed environment, train ``job``, print the summary on rank 0.
+
+    ``deepspeed``: train through DeepSpeed's engine (the workers were started by its launcher).
+    """
     env = setup(job.distributed.backend, job.distributed.timeout_s)
     configure_logging(env.rank)
     worker: Worker | None = None
     try:
         torch.manual_seed(job.seed + env.rank)
         try:
-            worker = Worker(job, env, job_dir=job_dir)
+            worker = Worker(job, env, job_dir=job_dir, deepspeed=deepspeed)
         except ValueError as exc:  # the job names something that cannot be built: one line, exit 2
             raise JobError(str(exc)) from exc
         result = worker.run()
