@@ -516,7 +516,8 @@ class DeepSpeedSpec:
     zero_stage: int = 0
     """ZeRO stage 0 or 1 (optimizer states partitioned). Stages 2 and 3 partition gradients across
     ranks, so no rank holds a layer's full reduced gradient to precondition: rejected while the
-    preconditioner is enabled."""
+    preconditioner is enabled. At launch (``ngd_dist.train.deepspeed_engine.check_job``) stage 3 is
+    refused altogether, and stages >= 1 with the layer-wise optimizers lars and lamb."""
 
     bf16: bool = False
     """DeepSpeed's bf16 mode; requires precision.dtype bfloat16."""

@@ -34,6 +34,9 @@ What is supported, and why the rest is not:
 - Stage 3 is refused: it partitions the parameters themselves, which the bare-module forward,
   the preconditioner's layers and the per-rank checkpoints all need whole.
 - float16 (GradScaler) is refused: DeepSpeed would own the loss scale; use bf16.
+- LARS and LAMB are refused with ZeRO >= 1: ZeRO gives the optimizer one flat partition of all
+  parameters per rank, and their layer-wise trust ratios need each parameter whole (stage 0 keeps
+  one float32 master per parameter, so they work there).
 - Checkpoints are the worker's usual per-rank files: the module's weights, and under ``optimizer``
   this rank's float32 masters and its optimizer state (a partition of them under ZeRO-1), so a run
   resumes only with the same world size, ZeRO stage and bf16 setting (a mismatch is one line).
@@ -64,6 +67,8 @@ EXTENSIONS_ENV = "TORCH_EXTENSIONS_DIR"
 """Where torch (and DeepSpeed) build and cache JIT-compiled extensions."""
 
 _PRINT_NEVER = 2**31 - 1
+LAYERWISE = ("lars", "lamb")
+"""Optimizers whose step depends on each parameter's shape and norm (not element-wise)."""
 
 
 def default_extensions_dir() -> Path:
@@ -87,6 +92,14 @@ def check_job(job: Job) -> None:
             3,
             "0, 1 or 2 under the ngd_dist worker: ZeRO stage 3 partitions the parameters themselves, "
             "and the worker's forward pass, preconditioner and checkpoints need them whole",
+        )
+    if job.deepspeed.zero_stage >= 1 and job.optimizer.name in LAYERWISE:
+        raise JobError.invalid(
+            "optimizer.name",
+            job.optimizer.name,
+            f"sgd or adamw with deepspeed.zero_stage={job.deepspeed.zero_stage}: ZeRO hands the optimizer "
+            "one flat partition of all parameters per rank, so the layer-wise trust ratio of lars/lamb "
+            "would be computed over that (use zero_stage 0)",
         )
     if job.precision.use_grad_scaler:
         raise JobError.invalid(
