@@ -182,6 +182,7 @@ def test_dry_run_prints_the_deepspeed_command(capsys: pytest.CaptureFixture[str]
         (["--set", "deepspeed.zero_stage=2"], "full reduced gradient"),  # the schema: K-FAC needs it
         (["--set", "precision.dtype=float16"], "precision.dtype"),
         (["--set", "optimizer.name=lars", "--set", "deepspeed.zero_stage=1"], "layer-wise trust ratio"),
+        ([*BF16, "--set", "metrics.quality_every=5"], "metrics.quality_every"),
         (["--set", "deepspeed.bf16=true"], "deepspeed.bf16"),
     ],
 )
