@@ -4,7 +4,7 @@ DeepSpeed's engine owns the optimizer step: bf16 weights with float32 master cop
 (optimizer states partitioned over the ranks), its gradient averaging. The K-FAC preconditioner
 needs each layer's whole, rank-averaged gradient *before* the optimizer sees it, but DeepSpeed's
 optimizers take the gradients in hooks during ``engine.backward`` (``.grad`` is None afterwards:
-they are already in DeepSpeed's buffers and partitions). So one step runs in two passes:
+they are already in DeepSpeed's buffers and partitions). So one step runs in three parts:
 
 1. **Real gradient.** The forward pass runs on the bare module (``engine.module``, not the engine:
    the engine's forward registers hooks that would start its reduction on any backward) under the
