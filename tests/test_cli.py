@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from ngd_dist.distributed.spawn import free_ports
+
 ROOT = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).with_name("ngd-dist"))
 QUICK = str(ROOT / "configs" / "quickstart.yaml")
@@ -76,7 +78,7 @@ def _final_params(directory: Path, step: int, rank: int, world: int) -> dict[str
 
 
 def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path: Path) -> None:
-    common = ["--set", "checkpoint.every=10", "--set", "train.log_every=10"]
+    common = ["--set", "checkpoint.every=10", "--set", "train.log_every=10", "--set", "metrics.port=0"]
     full = ngd(
         "train", QUICK, *common, "--set", f"checkpoint.dir={tmp_path / 'full'}", "--set", "train.steps=30"
     )
@@ -109,6 +111,8 @@ def test_two_rank_quickstart_lowers_the_loss_with_identical_parameters(launcher:
         "train.steps=30",
         "--set",
         "checkpoint.every=30",
+        "--set",
+        f"metrics.port={free_ports(2)}",
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     summary, first, last = _summary(proc.stdout)

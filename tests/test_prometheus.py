@@ -28,6 +28,7 @@ from typing import Any
 import pytest
 import yaml
 
+from ngd_dist.distributed.spawn import free_ports
 from tests.test_recovery import CLI, QUICK, ROOT, _env, _kill_tree
 
 DOCKER = ROOT / "docker"
@@ -62,19 +63,7 @@ def tool(name: str) -> str:
 
 def free_port_pair() -> int:
     """A port ``p`` on loopback with ``p`` and ``p + 1`` both free (rank 0 and rank 1)."""
-    for _ in range(50):
-        with socket.socket() as first:
-            first.bind(("127.0.0.1", 0))
-            base = int(first.getsockname()[1])
-            if base >= 65535:
-                continue
-            with socket.socket() as second:
-                try:
-                    second.bind(("127.0.0.1", base + 1))
-                except OSError:
-                    continue
-        return base
-    raise AssertionError("no pair of free ports found")
+    return free_ports(2)
 
 
 def free_port() -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import socket
 import urllib.request
@@ -242,6 +243,27 @@ def test_probe_measures_the_step_that_was_applied() -> None:
     assert probe.method == "jvp"
     assert q.gamma == pytest.approx(reference_gamma(fisher, grad, -grad), rel=1e-9)
     assert q.slope < 0
+
+
+def test_bf16_weights_are_probed_in_float32() -> None:
+    """DeepSpeed's bf16 weights: the probe widens weights and step to float32 (it failed on a dtype mismatch)."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
+    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    wide = QualityProbe.draw(model, x, y, size=32, seed=0, loss="classification")
+    low = QualityProbe.draw(copy.deepcopy(model).to(torch.bfloat16), x, y, size=32, seed=0, loss="classification")
+    steps = {n: 0.05 * torch.randn_like(p) for n, p in model.named_parameters()}
+    gamma = {}
+    for name, probe in (("fp32", wide), ("bf16", low)):
+        before = probe.snapshot()
+        with torch.no_grad():
+            for n, p in probe.model.named_parameters():
+                p.add_(steps[n].to(p.dtype))
+        gamma[name] = probe.measure(before).gamma
+    assert math.isfinite(gamma["bf16"]) and gamma["bf16"] > 0
+    # bf16 rounds the weights and their step (8 bits of mantissa): the same gamma to a few percent
+    assert gamma["bf16"] == pytest.approx(gamma["fp32"], rel=0.1)
+    assert all(p.dtype == torch.bfloat16 for p in low.model.parameters())
 
 
 def test_bad_arguments_are_named() -> None:

@@ -139,12 +139,11 @@ def test_a_truncated_checkpoint_is_detected_and_the_previous_one_used(tmp_path: 
 
 
 def test_every_rank_of_a_running_job_serves_metrics_and_health(tmp_path: Path) -> None:
-    import socket
     import urllib.request
 
-    with socket.socket() as sock:  # a free pair of ports (base, base + 1) on loopback
-        sock.bind(("127.0.0.1", 0))
-        base = sock.getsockname()[1]
+    from ngd_dist.distributed.spawn import free_ports
+
+    base = free_ports(2)  # rank 0 and rank 1
     proc = subprocess.Popen(
         [
             CLI, "launch", QUICK, "--launcher", "torchrun", "--nproc", "2",

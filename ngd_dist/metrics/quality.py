@@ -125,10 +125,10 @@ def quality_indicator(
     named = dict(model.named_parameters())
     tangents = _named_direction(direction, named)
     given = params or {}
-    values = {n: given.get(n, p).detach() for n, p in named.items()}
+    values = {n: _widened(given.get(n, p).detach()) for n, p in named.items()}
     primals = {n: values[n] for n in tangents}
     fixed: dict[str, Tensor] = {n: v for n, v in values.items() if n not in tangents}
-    fixed.update((n, b.detach().clone()) for n, b in model.named_buffers())
+    fixed.update((n, _widened(b.detach()).clone()) for n, b in model.named_buffers())
     tangents = {n: t.detach().to(primals[n].device, primals[n].dtype) for n, t in tangents.items()}
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
@@ -139,6 +139,17 @@ def quality_indicator(
         for module, mode in modes:
             module.training = mode
     return _indicator(logits, u, targets, loss)
+
+
+def _widened(tensor: Tensor) -> Tensor:
+    """``tensor`` in float32 when it is a 16-bit float (bf16 weights under DeepSpeed), else as is.
+
+    The probe runs in at least float32 whatever the training precision, so γ measures the update,
+    not the rounding of a 16-bit forward pass.
+    """
+    if tensor.is_floating_point() and tensor.element_size() < 4:
+        return tensor.float()
+    return tensor
 
 
 def _named_direction(direction: Direction, named: Mapping[str, Tensor]) -> dict[str, Tensor]:
@@ -298,7 +309,7 @@ class QualityProbe:
     def measure(self, before: Mapping[str, Tensor]) -> Quality:
         """γ of the step since ``before`` (``θ_now - θ_before``), evaluated at ``θ_before``."""
         named = dict(self.model.named_parameters())
-        direction = {n: named[n].detach() - before[n] for n in before}
+        direction = {n: _widened(named[n].detach()) - _widened(before[n]) for n in before}
         if self.method == "auto":  # find out once which method the model supports
             try:
                 result = self._indicator(direction, before, "jvp")

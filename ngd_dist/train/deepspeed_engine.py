@@ -37,8 +37,8 @@ What is supported, and why the rest is not:
 - LARS and LAMB are refused with ZeRO >= 1: ZeRO gives the optimizer one flat partition of all
   parameters per rank, and their layer-wise trust ratios need each parameter whole (stage 0 keeps
   one float32 master per parameter, so they work there).
-- ``metrics.quality_every`` is refused with ``deepspeed.bf16``: the probe runs the model in float32
-  and differences its weights, which DeepSpeed keeps in bf16.
+- ``metrics.quality_every`` works with ``deepspeed.bf16``: the probe widens the bf16 weights and
+  their step to float32 before it evaluates γ.
 - Checkpoints are the worker's usual per-rank files: the module's weights, and under ``optimizer``
   this rank's float32 masters and its optimizer state (a partition of them under ZeRO-1), so a run
   resumes only with the same world size, ZeRO stage and bf16 setting (a mismatch is one line).
@@ -102,13 +102,6 @@ def check_job(job: Job) -> None:
             f"sgd or adamw with deepspeed.zero_stage={job.deepspeed.zero_stage}: ZeRO hands the optimizer "
             "one flat partition of all parameters per rank, so the layer-wise trust ratio of lars/lamb "
             "would be computed over that (use zero_stage 0)",
-        )
-    if job.deepspeed.bf16 and job.metrics.quality_every > 0:
-        raise JobError.invalid(
-            "metrics.quality_every",
-            job.metrics.quality_every,
-            "0 with deepspeed.bf16: the quality probe evaluates the model in float32 and measures the "
-            "step on its weights, which DeepSpeed keeps in bf16 (float32 DeepSpeed runs can measure it)",
         )
     if job.precision.use_grad_scaler:
         raise JobError.invalid(
