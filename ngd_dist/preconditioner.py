@@ -91,6 +91,9 @@ class KFACStats:
     """The KL-clip scale applied at the last step (1 when it did not bind)."""
     damping: float = 0.0
     """Damping used at the last step."""
+    grad_norm: float = 0.0
+    """L2 norm of the (rank-averaged, not yet preconditioned) gradients of the registered layers at
+    the last step."""
 
 
 class KFACPreconditioner:
@@ -518,18 +521,23 @@ class KFACPreconditioner:
                     updates.update(received)
         if not updates:
             return
-        scale = 1.0
-        if self.config.kl_clip is not None:
-            lrs = self._learning_rates()
-            terms = []
-            for layer in present:
+        # One host sync for both scalars: the squared gradient norm and the KL-clip sum lr^2 <Pg, g>.
+        squares, terms = [], []
+        lrs = self._learning_rates() if self.config.kl_clip is not None else {}
+        for layer in present:
+            grad = grads[layer.name]
+            assert grad is not None
+            squares.append(grad.float().square().sum())
+            if self.config.kl_clip is not None:
                 lr = lrs.get(id(layer.math.params(layer.module)[0]), 0.0)
-                grad = grads[layer.name]
-                assert grad is not None
                 terms.append((updates[layer.name] * grad).sum().float() * lr**2)
-            vg = float(torch.stack(terms).sum())
-            if vg > 0 and math.isfinite(vg):
-                scale = min(1.0, math.sqrt(self.config.kl_clip / vg))
+        norm_sq = torch.stack(squares).sum()
+        kl_sum = torch.stack(terms).sum() if terms else norm_sq.new_zeros(())
+        sq, vg = (float(v) for v in torch.stack([norm_sq, kl_sum]).tolist())
+        self.stats.grad_norm = math.sqrt(sq) if math.isfinite(sq) else float("nan")
+        scale = 1.0
+        if self.config.kl_clip is not None and vg > 0 and math.isfinite(vg):
+            scale = min(1.0, math.sqrt(self.config.kl_clip / vg))
         self.stats.kl_scale = scale
         for layer in present:
             update = updates[layer.name]

@@ -287,6 +287,10 @@ def test_prometheus_scrapes_the_throughput_of_both_ranks(stack: Stack) -> None:
     steps = _wait("ngd_steps_total to advance", lambda: _both_ranks_positive(
         stack, 'increase(ngd_steps_total{job="ngd_dist"}[5s])'), 30, stack)
     assert min(steps.values()) > 0
+    # the gradient norm is reported (K-FAC computes it with its KL-clip sum) and equal on both ranks
+    norms = _wait("ngd_grad_norm of both ranks", lambda: _both_ranks_positive(stack, 'ngd_grad_norm{job="ngd_dist"}'),
+                  30, stack)
+    assert min(norms.values()) > 0
 
 
 def test_promtool_check_metrics_accepts_a_live_scrape(stack: Stack) -> None:

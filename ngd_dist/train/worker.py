@@ -327,8 +327,29 @@ class Worker:
         phases["forward_backward"] = max(seconds - sum(phases.values()), 0.0)
         tokens = self._tokens(y)
         metrics.observe_step(
-            step=self.step, samples=x.shape[0], tokens=tokens, seconds=seconds, loss=loss, phases=phases
+            step=self.step,
+            samples=x.shape[0],
+            tokens=tokens,
+            seconds=seconds,
+            loss=loss,
+            grad_norm=self._grad_norm(),
+            phases=phases,
         )
+
+    def _grad_norm(self) -> float | None:
+        """L2 norm of the step's rank-averaged gradient, before preconditioning (None if unknown).
+
+        With the preconditioner on, that of the layers it handles (it computes the norm anyway);
+        otherwise of every parameter's ``.grad`` as DDP left it. DeepSpeed without K-FAC keeps the
+        gradients in its own buffers: None.
+        """
+        if self.precond is not None:
+            return self.precond.stats.grad_norm
+        params = self.model.parameters()
+        grads = [p.grad.detach().float().square().sum() for p in params if p.grad is not None]
+        if not grads:
+            return None
+        return math.sqrt(float(torch.stack(grads).sum()))
 
     def run(self) -> TrainResult:
         """Train to ``train.steps`` (or until preempted); checkpoint as configured."""
