@@ -9,13 +9,14 @@ STAMP := $(VENV)/.installed
 # DeepSpeed compiles its CPU communication op on first use (g++, Python headers) and caches it here.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 # Debian packages and the commands that show they are installed.
-SYSTEM_PACKAGES := openmpi-bin libopenmpi-dev prometheus g++ python3-dev
-SYSTEM_COMMANDS := mpirun mpicc prometheus promtool g++ python3-config
+SYSTEM_PACKAGES := openmpi-bin libopenmpi-dev prometheus g++ python3-dev buildah debootstrap
+SYSTEM_COMMANDS := mpirun mpicc prometheus promtool g++ python3-config buildah debootstrap
 
 .PHONY: run test lint bench clean system-packages
 
 # Open MPI (mpirun, mpi4py), Prometheus (the server and promtool, for the observability tests) and a
-# C++ compiler (DeepSpeed's op) from Debian's packages, installed once when a command is missing (needs root).
+# C++ compiler (DeepSpeed's op), buildah and debootstrap (tests/test_docker.py builds the CPU image
+# without a Docker engine) from Debian's packages, installed once when a command is missing (needs root).
 system-packages:
 	@missing=0; for c in $(SYSTEM_COMMANDS); do command -v $$c >/dev/null || missing=1; done; \
 	if [ $$missing = 1 ]; then \
@@ -44,4 +45,4 @@ bench: $(STAMP)
 	$(PY) benchmarks/core_bench.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info .cache/torch_extensions
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache build *.egg-info .cache/torch_extensions .cache/docker
