@@ -547,10 +547,12 @@ def test_cpu_image_builds_and_runs_the_quickstart(buildah: Buildah, tmp_path: Pa
     assert f"resumed_from={step}" in result.stdout + result.stderr, (result.stdout + result.stderr)[-4000:]
     timings["resume"] = time.monotonic() - start
 
-    # 3. Open MPI: the same job under mpirun (as the image's user, no --allow-run-as-root).
+    # 3. Open MPI: the job under mpirun (as the image's user, no --allow-run-as-root), its
+    # preconditioner talking through mpi4py and the image's libmpi.
     start = time.monotonic()
     mpi = ["launch", "configs/quickstart.yaml", "--launcher", "mpirun", "--nproc", "2", "--set", "metrics.port=0",
-           "--set", "train.steps=5", "--set", "checkpoint.resume=never", "--set", "checkpoint.dir=/tmp/mpi"]
+           "--set", "train.steps=5", "--set", "checkpoint.resume=never", "--set", "checkpoint.dir=/tmp/mpi",
+           "--set", "distributed.transport=mpi"]
     result = buildah(*run, ctr, "--", *entry, *mpi, timeout=300)
     assert "done: steps=5 " in result.stdout + result.stderr, (result.stdout + result.stderr)[-4000:]
     timings["mpirun"] = time.monotonic() - start
