@@ -397,20 +397,26 @@ class Buildah:
 
 
 def _debian_root() -> Path:
-    """A minimal Debian bookworm root made by debootstrap, kept in .cache/docker between runs."""
+    """A minimal Debian bookworm root made by debootstrap, kept in .cache/docker between runs.
+
+    Made in a folder of its own and renamed into place when complete, so an interrupted run or
+    another session building it at the same time never leaves a half-made root there.
+    """
     root = CACHE / "bookworm-minbase"
-    if (root / "etc" / "debian_version").is_file() and (CACHE / "bookworm-minbase.done").is_file():
+    if (root / "etc" / "debian_version").is_file():
         return root
-    partial = CACHE / "bookworm-minbase.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    shutil.rmtree(root, ignore_errors=True)
     CACHE.mkdir(parents=True, exist_ok=True)
-    result = _run(["debootstrap", "--variant=minbase", "bookworm", str(partial), DEBIAN_MIRROR], timeout=600)
-    if result.returncode != 0:
+    partial = Path(tempfile.mkdtemp(prefix="bookworm-minbase.", dir=CACHE))
+    try:
+        result = _run(["debootstrap", "--variant=minbase", "bookworm", str(partial), DEBIAN_MIRROR], timeout=600)
+        if result.returncode != 0:
+            pytest.fail(f"debootstrap failed ({result.returncode})\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+        try:
+            partial.rename(root)
+        except OSError:  # made meanwhile by another session
+            assert (root / "etc" / "debian_version").is_file()
+    finally:
         shutil.rmtree(partial, ignore_errors=True)
-        pytest.fail(f"debootstrap failed ({result.returncode})\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    partial.rename(root)
-    (CACHE / "bookworm-minbase.done").touch()
     return root
 
 
@@ -419,17 +425,26 @@ def _torch_index() -> Path:
     CPython 3.11, taken where pip finds it (this machine's wheel folder, or PyTorch's CPU index)."""
     version = _arg_default(DOCKER / "Dockerfile.cpu", "TORCH_VERSION")
     folder = CACHE / "wheels" / "simple" / "torch"
-    wheels = sorted(folder.glob(f"torch-{version}+cpu-cp311-*.whl"))
-    if not wheels:
-        folder.mkdir(parents=True, exist_ok=True)
-        result = _run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                       "--python-version", "3.11", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
-                       "--extra-index-url", "https://download.pytorch.org/whl/cpu", "--retries", "1",
-                       "--timeout", "30", "--dest", str(folder), f"torch=={version}+cpu"], timeout=900)
-        wheels = sorted(folder.glob(f"torch-{version}+cpu-cp311-*.whl"))
-        assert wheels, f"no torch {version}+cpu wheel for cp311\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    pattern = f"torch-{version}+cpu-cp311-*.whl"
+    folder.mkdir(parents=True, exist_ok=True)
+    if not sorted(folder.glob(pattern)):
+        with tempfile.TemporaryDirectory(dir=folder.parent) as download:
+            result = _run(
+                [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+                 "--python-version", "3.11", "--implementation", "cp", "--platform", "manylinux_2_28_x86_64",
+                 "--extra-index-url", "https://download.pytorch.org/whl/cpu", "--retries", "1",
+                 "--timeout", "30", "--dest", download, f"torch=={version}+cpu"],
+                timeout=900,
+            )  # fmt: skip
+            got = sorted(Path(download).glob(pattern))
+            assert got, f"no torch {version}+cpu wheel for cp311\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+            for wheel in got:
+                os.replace(wheel, folder / wheel.name)
+    wheels = sorted(folder.glob(pattern))
     links = "".join(f'<a href="{w.name}">{w.name}</a>\n' for w in wheels)
-    (folder / "index.html").write_text(f"<!DOCTYPE html>\n<html><body>\n{links}</body></html>\n")
+    page = folder / f"index.html.{os.getpid()}"
+    page.write_text(f"<!DOCTYPE html>\n<html><body>\n{links}</body></html>\n")
+    os.replace(page, folder / "index.html")
     return folder.parent.parent
 
 
