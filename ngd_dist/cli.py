@@ -12,7 +12,6 @@ A bad job (or bad arguments) prints one line on stderr and exits with code 2.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
@@ -113,7 +112,13 @@ def main(argv: list[str] | None = None) -> int:
             result = run_job(job, job_dir=Path(args.config).resolve().parent, deepspeed=args.deepspeed)
             return 0 if result.steps > 0 else 1
         if args.command == "launch":
-            from ngd_dist.launch import LaunchSpec, build_command, format_command, launch_env
+            from ngd_dist.launch import (
+                LaunchSpec,
+                build_command,
+                format_command,
+                launch_env,
+                run_forwarding_signals,
+            )
 
             job = _load(args.config, args.overrides)
             job.batch.check_world(args.nproc * args.nnodes)
@@ -146,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
             print(format_command(argv_), file=sys.stderr if not args.dry_run else sys.stdout, flush=True)
             if args.dry_run:
                 return 0
-            return subprocess.call(argv_, env=launch_env(spec))
+            return run_forwarding_signals(argv_, env=launch_env(spec))
     except JobError as exc:
         print(f"ngd-dist {args.command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -20,6 +20,8 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
+import signal
+import subprocess
 import sys
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -128,3 +130,29 @@ def launch_env(spec: LaunchSpec, environ: Mapping[str, str] | None = None) -> di
 def format_command(argv: list[str]) -> str:
     """The argv as one shell-quoted line (what ``--dry-run`` prints)."""
     return shlex.join(argv)
+
+
+def run_forwarding_signals(argv: list[str], *, env: dict[str, str] | None = None) -> int:
+    """Run the launcher ``argv`` to its end and return its exit code, passing SIGTERM/SIGINT on.
+
+    A scheduler or ``docker stop`` signals ``ngd-dist launch``, not the launcher under it: the
+    signal is handed to the launcher (which hands it to the workers, which checkpoint and stop),
+    and this process waits for it instead of dying first and orphaning the job. A second SIGINT
+    is passed on too, never turned into a kill.
+    """
+    proc = subprocess.Popen(argv, env=env)
+
+    def forward(signum: int, _frame: object) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while True:
+            try:
+                return proc.wait()
+            except KeyboardInterrupt:  # a handler replaced behind our back: keep waiting
+                forward(signal.SIGINT, None)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

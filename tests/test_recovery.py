@@ -56,6 +56,14 @@ def _worker_of_rank(root: int, rank: int) -> int | None:
     return None
 
 
+def _alive(pid: int) -> bool:
+    """Whether ``pid`` is a running process (not gone, not a zombie waiting to be reaped)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
 def _kill_tree(pid: int) -> None:
     """SIGKILL a launcher and every process below it (torchrun puts workers in their own groups)."""
     for victim in [*_descendants(pid), pid]:
@@ -173,3 +181,57 @@ def test_every_rank_of_a_running_job_serves_metrics_and_health(tmp_path: Path) -
     finally:
         _kill_tree(proc.pid)
         proc.communicate()
+
+
+def test_sigterm_to_ngd_dist_launch_reaches_the_workers_which_checkpoint(tmp_path: Path) -> None:
+    """A scheduler (or `docker stop`) signals `ngd-dist launch`: it hands SIGTERM to the launcher, the
+    workers save a preemption checkpoint and stop, and nothing is left running."""
+    import urllib.request
+
+    from ngd_dist.distributed.spawn import free_ports
+
+    base = free_ports(2)
+    out_file, err_file = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    # output to files, not pipes: workers orphaned by a launch that died would hold pipes open
+    with out_file.open("w") as out, err_file.open("w") as err_out:
+        proc = subprocess.Popen(
+            [
+                CLI, "launch", QUICK, "--launcher", "torchrun", "--nproc", "2",
+                "--set", f"checkpoint.dir={tmp_path / 'ckpt'}", "--set", "train.steps=100000",
+                "--set", "checkpoint.every=100000", "--set", f"metrics.port={base}",
+            ],
+            cwd=ROOT, env=_env(), stdout=out, stderr=err_out, start_new_session=True,
+        )
+    descendants: list[int] = []
+    try:
+        deadline, stepping = time.monotonic() + 120, False
+        while not stepping and time.monotonic() < deadline and proc.poll() is None:
+            try:  # rank 1's health body: "ok step N" once its loop runs
+                with urllib.request.urlopen(f"http://127.0.0.1:{base + 1}/healthz", timeout=2) as r:
+                    body = r.read().decode()
+                stepping = body.startswith("ok step") and int(body.split()[-1]) > 0
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.2)
+        assert stepping, "rank 1 never reported a step"
+        descendants = _descendants(proc.pid)
+        proc.send_signal(signal.SIGTERM)  # the launch process only, as a scheduler would
+        proc.wait(timeout=90)
+        deadline = time.monotonic() + 30  # the launcher may outlive the launch process by a moment
+        while time.monotonic() < deadline and [pid for pid in descendants if _alive(pid)]:
+            time.sleep(0.2)
+        left = [pid for pid in descendants if _alive(pid)]
+    finally:
+        _kill_tree(proc.pid)
+        for pid in _descendants(proc.pid) + descendants:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.wait(timeout=30)
+    err = err_file.read_text()
+    assert not left, "launcher or workers left running after `ngd-dist launch` ended"
+    saved = {rank: sorted((tmp_path / "ckpt").glob(f"step-*.rank{rank}-of2.pt")) for rank in (0, 1)}
+    assert saved[0] and saved[1], err[-3000:]
+    assert saved[0][-1].name.split(".")[0] == saved[1][-1].name.split(".")[0]  # the same step on both ranks
+    assert "SIGTERM" in err, err[-3000:]
