@@ -65,7 +65,7 @@ def test_observe_step_values_and_rank_label(exporter: MetricsExporter) -> None:
             seconds=0.5,
             loss=2.0 / step,
             grad_norm=1.5,
-            phases={"forward_backward": 0.2, "optimizer": 0.01, "not_a_phase": 1.0},
+            phases={"forward": 0.2, "optimizer": 0.01, "not_a_phase": 1.0},
         )
     s = scrape(exporter)
     assert value(s, "ngd_steps_total") == 3
@@ -75,7 +75,7 @@ def test_observe_step_values_and_rank_label(exporter: MetricsExporter) -> None:
     assert value(s, "ngd_tokens_per_second") == pytest.approx(640.0)
     assert value(s, "ngd_step_seconds_count") == 3
     assert value(s, "ngd_step_seconds_sum") == pytest.approx(1.5)
-    assert value(s, "ngd_phase_seconds_count", phase="forward_backward") == 3
+    assert value(s, "ngd_phase_seconds_count", phase="forward") == 3
     assert value(s, "ngd_phase_seconds_sum", phase="optimizer") == pytest.approx(0.03)
     assert value(s, "ngd_phase_seconds_count", phase="decomposition") == 0
     assert not any(dict(labels).get("phase") == "not_a_phase" for _, labels in s)

@@ -293,6 +293,22 @@ def test_prometheus_scrapes_the_throughput_of_both_ranks(stack: Stack) -> None:
     assert min(norms.values()) > 0
 
 
+def test_each_phase_of_a_step_is_timed(stack: Stack) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    _wait("both ranks to have stepped", lambda: _both_ranks_positive(stack, "ngd_steps_total"), 90, stack)
+    for rank in (0, 1):
+        sums = {
+            s.labels["phase"]: s.value
+            for family in text_string_to_metric_families(stack.scrape(rank))
+            if family.name == "ngd_phase_seconds"
+            for s in family.samples
+            if s.name == "ngd_phase_seconds_sum"
+        }
+        for phase in ("forward", "backward", "factor_computation", "decomposition", "preconditioning", "optimizer"):
+            assert sums.get(phase, 0.0) > 0, (rank, phase, sums)
+
+
 def test_promtool_check_metrics_accepts_a_live_scrape(stack: Stack) -> None:
     promtool = tool("promtool")
     _wait("both ranks to have stepped", lambda: _both_ranks_positive(stack, "ngd_steps_total"), 90, stack)

@@ -8,12 +8,14 @@ from ngd_dist.metrics.exporter import (
     PreconditionerLike,
 )
 from ngd_dist.metrics.quality import Quality, QualityProbe, quality_indicator
+from ngd_dist.metrics.timing import PhaseClock
 
 __all__ = [
     "COMM_KINDS",
     "PHASES",
     "MetricsExporter",
     "MetricsPortError",
+    "PhaseClock",
     "PreconditionerLike",
     "Quality",
     "QualityProbe",

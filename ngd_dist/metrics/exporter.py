@@ -36,7 +36,8 @@ from prometheus_client import (
 log = logging.getLogger(__name__)
 
 PHASES: tuple[str, ...] = (
-    "forward_backward",
+    "forward",
+    "backward",
     "factor_computation",
     "factor_communication",
     "decomposition",

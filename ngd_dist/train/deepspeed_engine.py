@@ -63,6 +63,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ngd_dist.jobs import Job, JobError
+from ngd_dist.metrics.timing import PhaseClock
 from ngd_dist.preconditioner import KFACPreconditioner
 
 EXTENSIONS_ENV = "TORCH_EXTENSIONS_DIR"
@@ -201,18 +202,27 @@ class DeepSpeedEngine:
         y: Tensor,
         loss_fn: Callable[[Tensor, Tensor], Tensor],
         precond: KFACPreconditioner | None,
+        *,
+        clock: PhaseClock | None = None,
     ) -> float:
-        """One optimizer step over ``batch.accumulation`` micro-batches of ``(x, y)``; the mean loss."""
+        """One optimizer step over ``batch.accumulation`` micro-batches of ``(x, y)``; the mean loss.
+
+        ``clock`` gets the forward, backward, hand-over (``gradient_communication``: DeepSpeed's
+        averaging of the surrogate backward) and optimizer times.
+        """
+        clock = clock if clock is not None else PhaseClock()
         job = self.job
         chunks = job.batch.accumulation
         sums: list[Tensor | None] = [None] * len(self.params)
         total = 0.0
         device = x.device.type
         for xm, ym in zip(x.chunk(chunks), y.chunk(chunks), strict=True):
-            with torch.autocast(device, dtype=job.precision.torch_dtype, enabled=job.precision.autocast):
-                logits = self.module(xm)
-            loss = loss_fn(logits, ym)
-            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+            with clock("forward"):
+                with torch.autocast(device, dtype=job.precision.torch_dtype, enabled=job.precision.autocast):
+                    logits = self.module(xm)
+                loss = loss_fn(logits, ym)
+            with clock("backward"):
+                grads = torch.autograd.grad(loss, self.params, allow_unused=True)
             for i, g in enumerate(grads):
                 if g is not None:
                     s = sums[i]
@@ -228,8 +238,10 @@ class DeepSpeedEngine:
         surrogate = torch.stack(
             [((p - p.detach()) * u.detach()).sum().float() for p, u in zip(self.params, updates, strict=True)]
         ).sum()
-        self.engine.backward(surrogate)
-        self.engine.step()
+        with clock("gradient_communication"):
+            self.engine.backward(surrogate)
+        with clock("optimizer"):
+            self.engine.step()
         return total / chunks
 
     # -- checkpoints ---------------------------------------------------------------------------

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ngd_dist.jobs import Job, JobError, job_to_dict
-from ngd_dist.metrics import MetricsExporter, MetricsPortError, QualityProbe
+from ngd_dist.metrics import MetricsExporter, MetricsPortError, PhaseClock, QualityProbe
 from ngd_dist.preconditioner import KFACPreconditioner
 from ngd_dist.train.checkpoint import CheckpointStore, PreemptionHandler, capture_rng_state, restore_rng_state
 from ngd_dist.train.data import ShardedLoader
@@ -88,6 +88,8 @@ class Worker:
             seed=job.seed,
             device=env.device,
         )
+        self.clock = PhaseClock()
+        """Wall time of the step's forward, backward and optimizer phases (``ngd_phase_seconds``)."""
         self.quality: QualityProbe | None = None
         """The update-quality probe of ``metrics.quality_every`` (None when off)."""
         self.last_gamma: float | None = None
@@ -225,7 +227,7 @@ class Worker:
         """One optimizer step over ``batch.accumulation`` micro-batches; returns the mean loss."""
         job = self.job
         if self.engine is not None:
-            mean = self.engine.train_step(x, y, self._loss, self.precond)
+            mean = self.engine.train_step(x, y, self._loss, self.precond, clock=self.clock)
             self.scheduler.step()
             self.step += 1
             return mean
@@ -236,11 +238,12 @@ class Worker:
             sync = i == chunks - 1 or not isinstance(self.model, DistributedDataParallel)
             context = self.model.no_sync() if not sync else contextlib.nullcontext()  # type: ignore[operator]
             with context:
-                with torch.autocast(
+                with self.clock("forward"), torch.autocast(
                     self.env.device.type, dtype=job.precision.torch_dtype, enabled=job.precision.autocast
                 ):
                     loss = self._loss(self.model(xm), ym)
-                self.scaler.scale(loss).backward()
+                with self.clock("backward"):
+                    self.scaler.scale(loss).backward()
             total += float(loss.detach())
         if chunks > 1:  # each micro-batch's loss is a mean over its own rows: average them
             for p in self.model.parameters():
@@ -249,8 +252,9 @@ class Worker:
         self.scaler.unscale_(self.optimizer)
         if self.precond is not None:
             self.precond.step()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
+        with self.clock("optimizer"):
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
         self.scheduler.step()
         self.step += 1
         return total / chunks
@@ -324,7 +328,15 @@ class Worker:
         if self.precond is not None:
             phases = {k: v - before.get(k, 0.0) for k, v in self.precond.timings.items()}
             metrics.observe_preconditioner(self.precond)
-        phases["forward_backward"] = max(seconds - sum(phases.values()), 0.0)
+        for phase, spent in self.clock.take().items():
+            phases[phase] = phases.get(phase, 0.0) + spent
+        # the statistics are computed in hooks inside forward and backward: count them once
+        inside = phases.get("factor_computation", 0.0)
+        for phase in ("backward", "forward"):
+            taken = min(inside, phases.get(phase, 0.0))
+            if phase in phases:
+                phases[phase] -= taken
+            inside -= taken
         tokens = self._tokens(y)
         metrics.observe_step(
             step=self.step,
