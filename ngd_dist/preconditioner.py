@@ -91,9 +91,6 @@ class KFACStats:
     """The KL-clip scale applied at the last step (1 when it did not bind)."""
     damping: float = 0.0
     """Damping used at the last step."""
-    grad_norm: float = 0.0
-    """L2 norm of the (rank-averaged, not yet preconditioned) gradients of the registered layers at
-    the last step."""
 
 
 class KFACPreconditioner:
@@ -154,6 +151,7 @@ class KFACPreconditioner:
         self._comm_dtype: torch.dtype = torch.float64 if wide else self.config.comm_dtype  # type: ignore[assignment]
         self._inverse_dtype: torch.dtype = self.config.inverse_dtype  # type: ignore[assignment]
         self.stats = KFACStats()
+        self._grad_norm_sq: Tensor | float | None = None
         self.timings: dict[str, float] = defaultdict(float)
         """Seconds spent per phase, summed over steps (reset it at will)."""
         self._rebroadcast = False
@@ -178,6 +176,16 @@ class KFACPreconditioner:
     def factor_step(self) -> bool:
         """Whether the current step gathers statistics for any layer."""
         return self.capture.active
+
+    def grad_norm(self) -> float | None:
+        """The last step's gradient norm: rank-averaged, before preconditioning, registered layers.
+
+        None before the first step. A host sync when the KL clip is off (else it came with the clip's).
+        """
+        if self._grad_norm_sq is None:
+            return None
+        sq = float(self._grad_norm_sq)
+        return math.sqrt(sq) if math.isfinite(sq) else float("nan")
 
     def intervals(self) -> dict[Key, int]:
         """The current refresh interval of every factor, in steps."""
@@ -521,7 +529,8 @@ class KFACPreconditioner:
                     updates.update(received)
         if not updates:
             return
-        # One host sync for both scalars: the squared gradient norm and the KL-clip sum lr^2 <Pg, g>.
+        # The squared gradient norm stays on the device (read by grad_norm() only when asked); with
+        # the KL clip on, it rides along the clip's host sync of lr^2 <Pg, g>.
         squares, terms = [], []
         lrs = self._learning_rates() if self.config.kl_clip is not None else {}
         for layer in present:
@@ -531,13 +540,13 @@ class KFACPreconditioner:
             if self.config.kl_clip is not None:
                 lr = lrs.get(id(layer.math.params(layer.module)[0]), 0.0)
                 terms.append((updates[layer.name] * grad).sum().float() * lr**2)
-        norm_sq = torch.stack(squares).sum()
-        kl_sum = torch.stack(terms).sum() if terms else norm_sq.new_zeros(())
-        sq, vg = (float(v) for v in torch.stack([norm_sq, kl_sum]).tolist())
-        self.stats.grad_norm = math.sqrt(sq) if math.isfinite(sq) else float("nan")
+        self._grad_norm_sq = torch.stack(squares).sum()
         scale = 1.0
-        if self.config.kl_clip is not None and vg > 0 and math.isfinite(vg):
-            scale = min(1.0, math.sqrt(self.config.kl_clip / vg))
+        if self.config.kl_clip is not None:
+            sq, vg = (float(v) for v in torch.stack([self._grad_norm_sq, torch.stack(terms).sum()]).tolist())
+            self._grad_norm_sq = sq
+            if vg > 0 and math.isfinite(vg):
+                scale = min(1.0, math.sqrt(self.config.kl_clip / vg))
         self.stats.kl_scale = scale
         for layer in present:
             update = updates[layer.name]

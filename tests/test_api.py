@@ -121,13 +121,16 @@ def test_float16_statistics_do_not_overflow() -> None:
     torch.testing.assert_close(pc.layers[0].a, torch.ones(4, 4), rtol=2e-3, atol=0)
 
 
-def test_stats_report_the_averaged_gradient_norm_before_preconditioning() -> None:
+@pytest.mark.parametrize("kl_clip", [None, 1e-3])
+def test_grad_norm_is_that_of_the_averaged_gradient_before_preconditioning(kl_clip) -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
-    precond = KFACPreconditioner(model, KFACConfig(curvature="ief", output_module="2", kl_clip=None))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    precond = KFACPreconditioner(model, KFACConfig(curvature="ief", output_module="2", kl_clip=kl_clip), optimizer=opt)
     F.cross_entropy(model(torch.randn(16, 5)), torch.randint(0, 3, (16,))).backward()
     raw = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
+    assert precond.grad_norm() is None
     precond.step()
     after = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
-    assert precond.stats.grad_norm == pytest.approx(raw, rel=1e-6)
+    assert precond.grad_norm() == pytest.approx(raw, rel=1e-6)
     assert after != pytest.approx(raw, rel=1e-3)  # the gradients were replaced, the norm is of the raw ones

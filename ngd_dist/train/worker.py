@@ -356,7 +356,7 @@ class Worker:
         gradients in its own buffers: None.
         """
         if self.precond is not None:
-            return self.precond.stats.grad_norm
+            return self.precond.grad_norm()
         params = self.model.parameters()
         grads = [p.grad.detach().float().square().sum() for p in params if p.grad is not None]
         if not grads:
