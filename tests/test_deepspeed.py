@@ -11,7 +11,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import Callable
@@ -21,7 +20,7 @@ import pytest
 import torch
 
 from ngd_dist.cli import main
-from ngd_dist.distributed.spawn import free_ports
+from ngd_dist.distributed.spawn import free_port, free_ports
 from ngd_dist.train.checkpoint import CheckpointStore
 
 pytest.importorskip("deepspeed")
@@ -39,12 +38,6 @@ def extensions_dir() -> Path:
     path = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or ROOT / ".cache" / "torch_extensions")
     path.mkdir(parents=True, exist_ok=True)
     return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _run(args: list[str], extensions: Path, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -101,7 +94,7 @@ def _launch(directory: Path, extensions: Path, *extra: str) -> subprocess.Comple
             "--nproc",
             "2",
             "--master-port",
-            str(_free_port()),
+            str(free_port()),
             *[
                 "--set",
                 "metrics.port=0",

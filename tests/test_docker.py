@@ -18,7 +18,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -31,6 +30,9 @@ from typing import Any
 
 import pytest
 import yaml
+
+from ngd_dist.distributed.spawn import free_ports
+from tests.test_recovery import _kill_tree
 
 ROOT = Path(__file__).resolve().parents[1]
 CLI = str(Path(sys.executable).with_name("ngd-dist"))
@@ -52,41 +54,6 @@ def _env() -> dict[str, str]:
     """This environment without the variables of an enclosing distributed job."""
     drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
     return {k: v for k, v in os.environ.items() if k not in drop}
-
-
-def free_port_pair() -> int:
-    """A port p with p and p + 1 both free on every address (rank 0 and rank 1 bind 0.0.0.0)."""
-    for _ in range(100):
-        with socket.socket() as first, socket.socket() as second:
-            first.bind(("", 0))
-            port = int(first.getsockname()[1])
-            try:
-                second.bind(("", port + 1))
-            except OSError:
-                continue
-            return port
-    raise AssertionError("no two consecutive free ports")
-
-
-def _kill_tree(pid: int) -> None:
-    """SIGKILL ``pid`` and every process below it (torchrun puts its workers in their own groups)."""
-    parents: dict[int, int] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                parents[int(entry.name)] = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-    tree, grew = {pid}, True
-    while grew:
-        below = {child for child, parent in parents.items() if parent in tree}
-        grew = not below <= tree
-        tree |= below
-    for victim in tree:
-        try:
-            os.kill(victim, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
@@ -342,7 +309,7 @@ def _checkpoint_step(output: str, directory: Path) -> int:
 
 def test_entrypoint_hands_sigterm_to_the_launcher_and_the_workers_checkpoint(tmp_path: Path) -> None:
     # What `docker stop` does to the container's command: SIGTERM to the entry point (via tini).
-    port = free_port_pair()
+    port = free_ports(2, host="")
     log = tmp_path / "job.log"
     argv = _entrypoint(
         "launch", "configs/quickstart.yaml", "--launcher", "torchrun", "--nproc", "2",
@@ -524,7 +491,7 @@ def test_cpu_image_builds_and_runs_the_quickstart(buildah: Buildah, tmp_path: Pa
 
     # 1. The job under the image's entry point; metrics and the HEALTHCHECK; SIGTERM -> checkpoint.
     start = time.monotonic()
-    port = free_port_pair()
+    port = free_ports(2, host="")
     log = tmp_path / "run.log"
     launch = ["launch", "configs/quickstart.yaml", "--launcher", "torchrun", "--nproc", "2",
               "--set", "metrics.host=0.0.0.0", "--set", f"metrics.port={port}",
@@ -540,7 +507,7 @@ def test_cpu_image_builds_and_runs_the_quickstart(buildah: Buildah, tmp_path: Pa
         assert status == 200 and 'rank="1"' in body, body[:2000]
         probe = [*run, "--env", f"NGD_HEALTH_PORT={port}", ctr, "--", *healthcheck[1:]]
         assert buildah(*probe, timeout=120, check=False).returncode == 0
-        closed = [*run, "--env", f"NGD_HEALTH_PORT={free_port_pair()}", ctr, "--", *healthcheck[1:]]
+        closed = [*run, "--env", f"NGD_HEALTH_PORT={free_ports(2, host='')}", ctr, "--", *healthcheck[1:]]
         assert buildah(*closed, timeout=120, check=False).returncode != 0, "the HEALTHCHECK cannot fail"
         tini = int((runs / "pid").read_text())
         assert Path(f"/proc/{tini}/cmdline").read_bytes().split(b"\0")[0].endswith(b"tini")

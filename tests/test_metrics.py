@@ -15,13 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
 
 from ngd_dist import KFACConfig, KFACPreconditioner
+from ngd_dist.distributed.spawn import free_port
 from ngd_dist.metrics import MetricsExporter, MetricsPortError
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def get(url: str) -> tuple[int, str]:

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_prometheus import free_port, http_get
+from ngd_dist.distributed.spawn import free_port
+from tests.test_prometheus import http_get
 from tests.test_recovery import CLI, QUICK, ROOT, _env, _kill_tree
 
 

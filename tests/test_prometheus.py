@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import time
 import urllib.error
@@ -28,7 +27,7 @@ from typing import Any
 import pytest
 import yaml
 
-from ngd_dist.distributed.spawn import free_ports
+from ngd_dist.distributed.spawn import free_port, free_ports
 from tests.test_recovery import CLI, QUICK, ROOT, _env, _kill_tree
 
 DOCKER = ROOT / "docker"
@@ -59,18 +58,6 @@ def tool(name: str) -> str:
     exe = shutil.which(name)
     assert exe, f"{name} not found: `make test` installs Debian's prometheus package (server and promtool)"
     return exe
-
-
-def free_port_pair() -> int:
-    """A port ``p`` on loopback with ``p`` and ``p + 1`` both free (rank 0 and rank 1)."""
-    return free_ports(2)
-
-
-def free_port() -> int:
-    """A free TCP port on loopback."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
@@ -214,7 +201,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     """One running 2-rank job (quality metrics on) scraped every second by a real Prometheus."""
     prometheus_exe = tool("prometheus")
     workdir = tmp_path_factory.mktemp("prometheus")
-    base = free_port_pair()
+    base = free_ports(2)
     job_err = (workdir / "job.err").open("w")
     job = subprocess.Popen(
         [

@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ngd_dist.distributed.spawn import free_port
+
 
 def _mpi() -> Any:
     try:
@@ -89,12 +91,6 @@ class MPICommunicator:
         return MPICommunicator(self.comm.Split(color, self.rank))
 
 
-def _free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 def init_from_mpi(backend: str = "gloo", timeout_s: float = 300.0) -> tuple[int, int]:
     """Initialise torch.distributed from MPI's rank and size; return ``(rank, world_size)``.
 
@@ -107,7 +103,7 @@ def init_from_mpi(backend: str = "gloo", timeout_s: float = 300.0) -> tuple[int,
     address = None
     if rank == 0:
         host = os.environ.get("NGD_DIST_MPI_HOST") or socket.gethostbyname(socket.gethostname())
-        address = f"{host}:{_free_port(host)}"
+        address = f"{host}:{free_port(host)}"
     address = comm.bcast(address, root=0)
     local_rank = os.environ.get("OMPI_COMM_WORLD_LOCAL_RANK", os.environ.get("MPI_LOCALRANKID", "0"))
     os.environ.update({"RANK": str(rank), "WORLD_SIZE": str(size), "LOCAL_RANK": local_rank})
