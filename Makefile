@@ -37,6 +37,7 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ngd_dist tests benchmarks
 	$(VENV)/bin/mypy ngd_dist
+	$(VENV)/bin/lint-imports
 
 test: lint
 	$(VENV)/bin/pytest

@@ -1,6 +1,6 @@
 """Core benchmark: K-FAC (EF / sampled-Fisher / iEF curvature) against tuned SGD and AdamW.
 
-Trains ``mlp`` and ``small_cnn`` from :mod:`ngd_dist.train.models` on the embedded digits data and
+Trains ``mlp`` and ``small_cnn`` from :mod:`ngd_dist.service.models` on the embedded digits data and
 on a synthetic class-structured data set, at batch 1024, with the same seeds for every optimiser
 (same initial weights, same sequence of batches). Methods:
 
@@ -46,8 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ngd_dist import KFACConfig, KFACPreconditioner
-from ngd_dist.data import load_digits
-from ngd_dist.train.models import mlp, small_cnn
+from ngd_dist.service.data import load_digits
+from ngd_dist.service.models import mlp, small_cnn
 
 ROOT = Path(__file__).resolve().parent.parent
 CURVATURES = ("ef", "mc", "ief")

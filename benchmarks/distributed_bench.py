@@ -1,6 +1,6 @@
 """Data-parallel K-FAC on CPU ranks: step time by phase, bytes per step, and load balance.
 
-Runs 1, 2 and 4 gloo ranks on this machine (ngd_dist.distributed.spawn), each training a DDP-wrapped
+Runs 1, 2 and 4 gloo ranks on this machine (ngd_dist.testing.distributed), each training a DDP-wrapped
 MLP on fixed synthetic data with SGD alone and with iEF-K-FAC under round-robin / greedy
 assignment and fixed (10/100) / adaptive refresh; configurations are interleaved in blocks so
 drifts of the machine hit them alike. Load balance of the work plans is also computed, without
@@ -35,9 +35,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ngd_dist import KFACConfig, KFACPreconditioner  # noqa: E402
-from ngd_dist.distributed import LayerShape, make_plan  # noqa: E402
-from ngd_dist.distributed.spawn import run_ranks  # noqa: E402
-from ngd_dist.metrics import PHASES as _EXPORTED_PHASES  # noqa: E402
+from ngd_dist.kfac.distributed import LayerShape, make_plan  # noqa: E402
+from ngd_dist.service.metrics import PHASES as _EXPORTED_PHASES  # noqa: E402
+from ngd_dist.testing.distributed import run_ranks  # noqa: E402
 
 # The exporter's phases, with forward and backward timed together here (the table's first column).
 PHASES = ("forward_backward", *(p for p in _EXPORTED_PHASES if p not in ("forward", "backward")))
@@ -127,7 +127,7 @@ def _worker(rank: int, world: int, steps: int, blocks: int, per_rank: int, width
 
 
 def resnet_balance() -> dict[str, float]:
-    from ngd_dist.train.models import resnet18
+    from ngd_dist.service.models import resnet18
 
     model = resnet18(num_classes=10)
     shapes = []

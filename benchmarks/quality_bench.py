@@ -1,6 +1,6 @@
 """Quality-indicator benchmark: what ``metrics.quality_every`` costs, and γ of SGD / EF / iEF directions.
 
-Part 1, cost. The training worker's own code path (:class:`ngd_dist.train.worker.Worker`, built
+Part 1, cost. The training worker's own code path (:class:`ngd_dist.service.trainer.Worker`, built
 in-process from the job files) trains the quickstart MLP, a small CNN and the small GPT of
 ``configs/gpt_lm.yaml`` with ``metrics.quality_every=1`` and ``metrics.quality_probe=32``.
 Blocks of steps without the probe and with it (parameter snapshot before the step, γ of the applied
@@ -44,12 +44,12 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from ngd_dist import KFACConfig, KFACPreconditioner  # noqa: E402
-from ngd_dist.data import load_digits  # noqa: E402
-from ngd_dist.jobs import load_job  # noqa: E402
-from ngd_dist.metrics.quality import QualityProbe, quality_indicator  # noqa: E402
-from ngd_dist.train.environment import Environment  # noqa: E402
-from ngd_dist.train.models import mlp, small_cnn  # noqa: E402
-from ngd_dist.train.worker import Worker  # noqa: E402
+from ngd_dist.kfac.quality import QualityProbe, quality_indicator  # noqa: E402
+from ngd_dist.service.data import load_digits  # noqa: E402
+from ngd_dist.service.environment import Environment  # noqa: E402
+from ngd_dist.service.jobs import load_job  # noqa: E402
+from ngd_dist.service.models import mlp, small_cnn  # noqa: E402
+from ngd_dist.service.trainer import Worker  # noqa: E402
 
 COST_MODELS: dict[str, tuple[str, list[str]]] = {
     "mlp (quickstart)": ("quickstart.yaml", []),

@@ -1,8 +1,17 @@
-"""ngd_dist: distributed natural-gradient (K-FAC with EF / sampled-Fisher / iEF curvature) training."""
+"""ngd_dist: distributed natural-gradient (K-FAC with EF / sampled-Fisher / iEF curvature) training.
 
-from ngd_dist.config import KFACConfig
-from ngd_dist.exact_ief import ExactIEF, exact_ief_direction, per_sample_gradients
-from ngd_dist.preconditioner import KFACPreconditioner, KFACStats
+Two layers: :mod:`ngd_dist.kfac`, the library (a preconditioner for your own loop), and
+:mod:`ngd_dist.service`, the training service behind the ``ngd-dist`` command, which uses it.
+"""
+
+from ngd_dist.kfac import (
+    ExactIEF,
+    KFACConfig,
+    KFACPreconditioner,
+    KFACStats,
+    exact_ief_direction,
+    per_sample_gradients,
+)
 
 __all__ = [
     "ExactIEF",

@@ -14,9 +14,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ngd_dist.config import CURVATURES
-from ngd_dist.launch import LAUNCHERS
+if TYPE_CHECKING:
+    from ngd_dist.service.jobs import Job
+
+from ngd_dist.kfac.config import CURVATURES
+from ngd_dist.service.launch import LAUNCHERS
 
 EXIT_BAD_INPUT = 2
 
@@ -86,8 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(config: str, overrides: list[str]):  # noqa: ANN202 - Job, imported lazily
-    from ngd_dist.jobs import load_job
+def _load(config: str, overrides: list[str]) -> Job:
+    from ngd_dist.service.jobs import load_job
 
     return load_job(config, overrides)
 
@@ -95,11 +99,11 @@ def _load(config: str, overrides: list[str]):  # noqa: ANN202 - Job, imported la
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ngd-dist`` console script."""
     args = build_parser().parse_args(argv)
-    from ngd_dist.jobs import JobError
+    from ngd_dist.service.jobs import JobError
 
     try:
         if args.command == "validate":
-            from ngd_dist.jobs import job_to_yaml
+            from ngd_dist.service.jobs import job_to_yaml
 
             job = _load(args.config, args.overrides)
             print(job_to_yaml(job), end="")
@@ -107,12 +111,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "train":
             job = _load(args.config, args.overrides)
-            from ngd_dist.train.worker import run_job
+            from ngd_dist.service.trainer import run_job
 
             result = run_job(job, job_dir=Path(args.config).resolve().parent, deepspeed=args.deepspeed)
             return 0 if result.steps > 0 else 1
         if args.command == "launch":
-            from ngd_dist.launch import (
+            from ngd_dist.service.launch import (
                 LaunchSpec,
                 build_command,
                 format_command,
@@ -128,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
                     "(launch/hostfile.example)"
                 )
             if args.launcher == "deepspeed":
-                from ngd_dist.train.deepspeed_engine import check_job
+                from ngd_dist.service.deepspeed_engine import check_job
 
                 check_job(job)
                 if args.max_restarts:
@@ -155,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     except JobError as exc:
         print(f"ngd-dist {args.command}: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    from ngd_dist.train.quickstart import run_quickstart
+    from ngd_dist.service.quickstart import run_quickstart
 
     demo = run_quickstart(
         steps=args.steps, batch_size=args.batch_size, lr=args.lr, curvature=args.curvature, seed=args.seed

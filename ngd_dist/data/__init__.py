@@ -1,5 +1,0 @@
-"""Datasets embedded in the package, so that the quickstart needs no download."""
-
-from ngd_dist.data.digits import load_digits
-
-__all__ = ["load_digits"]

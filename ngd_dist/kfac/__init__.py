@@ -1,0 +1,17 @@
+"""The K-FAC library: a preconditioner for any PyTorch training loop (plain, DDP or DeepSpeed).
+
+Nothing here imports the training service (:mod:`ngd_dist.service`); ``make lint`` checks it.
+"""
+
+from ngd_dist.kfac.config import KFACConfig
+from ngd_dist.kfac.exact_ief import ExactIEF, exact_ief_direction, per_sample_gradients
+from ngd_dist.kfac.preconditioner import KFACPreconditioner, KFACStats
+
+__all__ = [
+    "ExactIEF",
+    "KFACConfig",
+    "KFACPreconditioner",
+    "KFACStats",
+    "exact_ief_direction",
+    "per_sample_gradients",
+]

@@ -1,0 +1,127 @@
+"""Decompositions of single Kronecker factors, and their application to a gradient matrix.
+
+Each factor is decomposed on its own, so the two factors of a layer may be decomposed on different
+ranks. Two forms, chosen by ``KFACConfig.method``:
+
+- ``"eigen"``: :class:`Eigen` holds ``X = Q diag(v) Q^T`` (``Q`` is None for a diagonal factor).
+  With both factors in this form, :func:`precondition` applies ``(G (x) A + lambda I)^-1`` exactly:
+  ``P = Q_G [ (Q_G^T M Q_A) / (v_G v_A^T + lambda) ] Q_A^T``. Damping is applied at every step, so a
+  damping schedule acts between decompositions.
+- ``"inverse"``: :class:`Inverse` holds ``(X + shift I)^-1``, with Martens & Grosse's pi-split
+  shifts ``pi sqrt(lambda)`` for A and ``sqrt(lambda) / pi`` for G,
+  ``pi = sqrt((tr A / dim A) / (tr G / dim G))``; ``P = G_inv M A_inv``, damping fixed at
+  decomposition time.
+
+Decompositions run in ``dtype`` (float32 by default) and are retried in float64 when they raise or
+give non-finite values; :func:`decompose` says whether it retried, and returns None when float64
+failed too, so the caller can keep the last good decomposition and count the failure.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Eigen:
+    """Eigenvectors (None for a diagonal factor) and eigenvalues of one factor."""
+
+    q: Tensor | None
+    v: Tensor
+
+    def tensors(self) -> list[Tensor]:
+        """The tensors it is made of."""
+        return [self.v] if self.q is None else [self.q, self.v]
+
+
+@dataclass
+class Inverse:
+    """The damped inverse of one factor (a vector for a diagonal factor)."""
+
+    inv: Tensor
+
+    def tensors(self) -> list[Tensor]:
+        """The tensors it is made of."""
+        return [self.inv]
+
+
+Decomposition = Eigen | Inverse
+
+
+def pi_split(trace_a: float, dim_a: int, trace_g: float, dim_g: int) -> float:
+    """``pi = sqrt((tr A / dim A) / (tr G / dim G))``; 1 when either mean is not positive."""
+    mean_a, mean_g = trace_a / dim_a, trace_g / dim_g
+    if not (mean_a > 0 and mean_g > 0 and math.isfinite(mean_a) and math.isfinite(mean_g)):
+        return 1.0
+    return math.sqrt(mean_a / mean_g)
+
+
+def inverse_shifts(
+    trace_a: float, dim_a: int, trace_g: float, dim_g: int, damping: float
+) -> tuple[float, float]:
+    """The pi-split shifts ``(pi sqrt(lambda), sqrt(lambda) / pi)`` added to A and G."""
+    pi = pi_split(trace_a, dim_a, trace_g, dim_g)
+    root = math.sqrt(damping)
+    return pi * root, root / pi
+
+
+def _eigen(x: Tensor, dtype: torch.dtype) -> Eigen:
+    if x.dim() == 1:
+        return Eigen(None, x.to(dtype).clamp_min(0.0))
+    v, q = torch.linalg.eigh(x.to(dtype))
+    # Factors are PSD; round-off can leave tiny negative eigenvalues, which damping must not meet.
+    return Eigen(q, v.clamp_min(0.0))
+
+
+def _inverse(x: Tensor, shift: float, dtype: torch.dtype) -> Inverse:
+    x = x.to(dtype)
+    if x.dim() == 1:
+        return Inverse(1.0 / (x + shift))
+    eye = torch.eye(x.shape[0], dtype=x.dtype, device=x.device)
+    return Inverse(torch.cholesky_inverse(torch.linalg.cholesky(x + shift * eye)))
+
+
+def _cast(d: Decomposition, dtype: torch.dtype) -> Decomposition:
+    if isinstance(d, Inverse):
+        return Inverse(d.inv.to(dtype))
+    return Eigen(None if d.q is None else d.q.to(dtype), d.v.to(dtype))
+
+
+def decompose(x: Tensor, method: str, shift: float, dtype: torch.dtype) -> tuple[Decomposition | None, bool]:
+    """Decompose one factor; returns (result or None if it failed, whether float64 was retried).
+
+    ``shift`` is only used by the inverse form. A failure in ``dtype`` is retried once in float64,
+    and the float64 result is cast back to ``dtype``.
+    """
+    dtypes = [dtype] if dtype == torch.float64 else [dtype, torch.float64]
+    for attempt, dt in enumerate(dtypes):
+        try:
+            result = _eigen(x, dt) if method == "eigen" else _inverse(x, shift, dt)
+        except (RuntimeError, torch.linalg.LinAlgError):
+            continue
+        if all(bool(torch.isfinite(t).all()) for t in result.tensors()):
+            return (_cast(result, dtype) if dt != dtype else result), attempt > 0
+    return None, len(dtypes) > 1
+
+
+def precondition(a: Decomposition, g: Decomposition, m: Tensor, damping: float) -> Tensor:
+    """Apply the preconditioner of one layer to its ``(g_dim, a_dim)`` gradient matrix ``m``."""
+    if isinstance(a, Eigen) and isinstance(g, Eigen):
+        assert g.q is not None
+        x = g.q.t() @ m.to(g.q.dtype)
+        if a.q is not None:
+            x = x @ a.q
+        x = x / (torch.outer(g.v, a.v) + damping)
+        x = g.q @ x
+        if a.q is not None:
+            x = x @ a.q.t()
+        return x.to(m.dtype)
+    if isinstance(a, Inverse) and isinstance(g, Inverse):
+        x = g.inv @ m.to(g.inv.dtype)
+        x = x * a.inv if a.inv.dim() == 1 else x @ a.inv
+        return x.to(m.dtype)
+    raise TypeError("both factors of a layer must be decomposed with the same method")

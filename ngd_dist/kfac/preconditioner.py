@@ -1,0 +1,553 @@
+"""The K-FAC preconditioner: orchestration of one optimisation step, on one rank or many.
+
+Usage (any ``torch.optim`` optimizer follows the preconditioned gradients)::
+
+    precond = KFACPreconditioner(model, KFACConfig(curvature="ief"), optimizer=opt)
+    for x, y in loader:
+        opt.zero_grad()
+        logits = model(x)
+        precond.mark_output(logits)        # or KFACConfig(output_module="head")
+        loss_fn(logits, y).backward()
+        precond.step()                     # .grad of registered layers <- preconditioned
+        opt.step()
+
+One step, in order (SP-NGD / KAISA style; every collective is a no-op on one rank):
+
+1. gradients are averaged over the ranks, unless DDP already did it (bucketed all-reduce);
+2. on steps where factors are due, each rank's statistics are summed to each factor's owner
+   (one reduce per owner rank, symmetric factors packed as upper triangles) after one small
+   all-reduce of traces, counts and NaN flags, from which every rank makes the same decisions;
+3. owners decompose the factors that are due and send them to their layer's gradient workers;
+4. gradient workers precondition their layers and send the results along their row;
+5. every rank scales all preconditioned gradients by the same KL-clip factor and writes them into
+   ``.grad``.
+
+With a ``torch.amp.GradScaler``, call ``scaler.unscale_(opt)`` before :meth:`step`; a step whose
+gradients overflowed (the scaler will skip it) folds nothing into the factors.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import Counter, defaultdict
+from collections.abc import Hashable
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ngd_dist.kfac.capture import StatisticsCapture
+from ngd_dist.kfac.config import KFACConfig
+from ngd_dist.kfac.curvature.modules import accumulation_dtype
+from ngd_dist.kfac.distributed.assignment import LayerShape, grad_workers_for, make_plan
+from ngd_dist.kfac.distributed.buckets import Collectives, Layout, Slot
+from ngd_dist.kfac.distributed.comm import Communicator, default_communicator
+from ngd_dist.kfac.distributed.wire import decomposition_slots, decomposition_tensors, received_decomposition
+from ngd_dist.kfac.layer import FACTORS, Factor
+from ngd_dist.kfac.linalg import decompose, inverse_shifts, precondition
+from ngd_dist.kfac.refresh import AdaptiveInterval, AdaptiveSchedule, FixedSchedule, Schedule, relative_change
+from ngd_dist.kfac.select import register_layers
+from ngd_dist.kfac.state import check_factors_state, factors_state, load_factors_state
+
+STATE_VERSION = 2
+Key = tuple[str, str]
+
+
+class ParamGroups(Protocol):
+    """What the preconditioner reads of an optimizer: groups of ``params`` with their ``lr``.
+
+    Any ``torch.optim.Optimizer`` is one; so is ``ngd_dist.service.deepspeed_engine.LearningRates``,
+    which maps the model's parameters to the learning rates of an optimizer wrapped by DeepSpeed.
+    """
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The groups, each a dict with at least ``"params"`` and ``"lr"``."""
+        ...
+
+
+@dataclass
+class KFACStats:
+    """Counters and last values of the preconditioner (what the metrics exporter reports)."""
+
+    steps: int = 0
+    """Calls to :meth:`KFACPreconditioner.step`."""
+    factor_refreshes: int = 0
+    """Steps whose statistics were folded into the running factors."""
+    decompositions: int = 0
+    """Factor decompositions computed on this rank."""
+    decomposition_retries: int = 0
+    """Decompositions that failed in the configured dtype and were retried in float64."""
+    decomposition_failures: int = 0
+    """Decompositions that failed in float64 too (the previous one was kept)."""
+    nonfinite_rejected: int = 0
+    """Factor statistics rejected because they held NaN or inf (counted on every rank)."""
+    skipped_steps: int = 0
+    """Steps the GradScaler skipped (overflowed gradients): nothing was folded."""
+    kl_scale: float = 1.0
+    """The KL-clip scale applied at the last step (1 when it did not bind)."""
+    damping: float = 0.0
+    """Damping used at the last step."""
+
+
+class KFACPreconditioner:
+    """K-FAC natural gradients for a model's Linear / Conv2d / Embedding layers.
+
+    Replaces their gradients by preconditioned ones under the EF, sampled-Fisher or iEF curvature
+    (see :class:`KFACConfig`), on one process or spread over the ranks of a data-parallel job.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        config: KFACConfig | None = None,
+        *,
+        optimizer: ParamGroups | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+        communicator: Communicator | None = None,
+    ) -> None:
+        """Register the model's supported layers, plan who does what, and hook the layers.
+
+        ``optimizer`` is read for each parameter's learning rate (needed by ``kl_clip``);
+        ``grad_scaler`` is the ``torch.amp.GradScaler`` of mixed-precision training, if any;
+        ``communicator`` defaults to torch.distributed's default group when it is initialised
+        (``config.transport="mpi"``: MPI's world), else a single process. A model wrapped in
+        ``DistributedDataParallel`` has its gradients averaged by DDP, not again here.
+        """
+        self.config = config if config is not None else KFACConfig()
+        if self.config.kl_clip is not None and optimizer is None:
+            raise ValueError(
+                "KFACConfig.kl_clip: got "
+                f"{self.config.kl_clip!r} but no optimizer was given; pass optimizer=... so the "
+                "learning rate can be read, or set kl_clip=None"
+            )
+        self.model = model
+        self.optimizer = optimizer
+        self.grad_scaler = grad_scaler
+        self.comm = communicator if communicator is not None else self._default_communicator()
+        self.collectives = Collectives(self.comm)
+        self.ddp = isinstance(model, DistributedDataParallel)
+        self.layers, self.skipped = register_layers(model, self.config)
+        if not self.layers:
+            raise ValueError(
+                "KFACConfig.layer_types/include/skip: no module of the model can be preconditioned "
+                f"(left out: {self.skipped or 'no Linear, Conv2d or Embedding modules'})"
+            )
+        self._by_name = {layer.name: layer for layer in self.layers}
+        self.device = self.layers[0].math.params(self.layers[0].module)[0].device
+        shapes = [LayerShape(la.name, la.a_dim, la.g_dim, la.math.diagonal_a) for la in self.layers]
+        world = self.comm.world_size
+        grad_workers = grad_workers_for(self.config.placement, world, self.config.grad_worker_fraction)
+        self.plan = make_plan(shapes, world, self.config.assignment, grad_workers)
+        columns = [self.plan.column_ranks(c) for c in range(self.plan.columns)]
+        rows = [self.plan.row_ranks(j) for j in range(grad_workers)]
+        self._column = self.collectives.on(self.comm.split(columns))
+        self._row = self.collectives.on(self.comm.split(rows))
+        self.schedule: Schedule = self._make_schedule()
+        wide = self.config.factor_dtype == torch.float64
+        self._comm_dtype: torch.dtype = torch.float64 if wide else self.config.comm_dtype  # type: ignore[assignment]
+        self._inverse_dtype: torch.dtype = self.config.inverse_dtype  # type: ignore[assignment]
+        self.stats = KFACStats()
+        self._grad_norm_sq: Tensor | float | None = None
+        self.timings: dict[str, float] = defaultdict(float)
+        """Seconds spent per phase, summed over steps (reset it at will)."""
+        self._rebroadcast = False
+        self.decomposed: Counter[Key] = Counter()
+        """How many times this rank decomposed each factor."""
+        self.capture = StatisticsCapture(self.layers, self.config, grad_scaler)
+        self.capture.install(model)
+        self.capture.capturing = self._capturing_at(0)
+
+    # -- public --------------------------------------------------------------------------------
+
+    def mark_output(self, logits: Tensor) -> None:
+        """Declare the model's output logits of the forward pass just run (needed by "mc"/"ief").
+
+        Call it after the forward pass and before ``backward``, once per micro-batch; it does
+        nothing on steps that do not refresh the factors. ``KFACConfig.output_module`` does the
+        same automatically for a named head module.
+        """
+        self.capture.mark_output(logits)
+
+    @property
+    def factor_step(self) -> bool:
+        """Whether the current step gathers statistics for any layer."""
+        return self.capture.active
+
+    def grad_norm(self) -> float | None:
+        """The last step's gradient norm: rank-averaged, before preconditioning, registered layers.
+
+        None before the first step. A host sync when the KL clip is off (else it came with the clip's).
+        """
+        if self._grad_norm_sq is None:
+            return None
+        sq = float(self._grad_norm_sq)
+        return math.sqrt(sq) if math.isfinite(sq) else float("nan")
+
+    def intervals(self) -> dict[Key, int]:
+        """The current refresh interval of every factor, in steps."""
+        return {key: self.schedule.interval(key) for key in self._keys()}
+
+    @property
+    def comm_bytes(self) -> dict[str, int]:
+        """Payload bytes this rank handed to collectives, by kind, since construction."""
+        return dict(self.collectives.bytes)
+
+    def step(self) -> None:
+        """Refresh what is due; replace each registered layer's ``.grad`` by its natural gradient."""
+        step = self.stats.steps
+        keys = self._keys()
+        fold = [k for k in keys if self.schedule.fold_due(k, step)]
+        due = [k for k in keys if self.schedule.decompose_due(k, step)]
+        self._timed("gradient_communication", self._average_gradients)
+        if fold:
+            self._check_marked()
+            if self._scaler_will_skip():
+                self.stats.skipped_steps += 1
+                fold = []
+            else:
+                self._timed("factor_communication", self._fold, fold, step)
+        for layer in self.layers:
+            layer.pending_a.clear()
+            layer.pending_g.clear()
+        if due or self._rebroadcast:
+            self._timed("decomposition", self._decompose, due, keys if self._rebroadcast else due, step)
+        self._timed("preconditioning", self._precondition, step)
+        self.stats.steps += 1
+        self.capture.reset()
+        self.capture.capturing = self._capturing_at(self.stats.steps)
+        self.timings["factor_computation"] += self.capture.take_seconds()
+
+    def remove(self) -> None:
+        """Remove the hooks; the model is left as it was."""
+        self.capture.remove()
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's factors, the traces and refresh state, and the counters.
+
+        Decompositions are not saved: :meth:`load_state_dict` recomputes them from the factors
+        they were computed from, so the next step is identical to an uninterrupted run.
+        """
+        state: dict[str, Any] = {
+            "version": STATE_VERSION,
+            "world_size": self.comm.world_size,
+            "rank": self.comm.rank,
+            "stats": asdict(self.stats),
+            "factors": factors_state(self.layers),
+            "traces": {f"{la.name}/{f}": la.factors[f].trace for la in self.layers for f in FACTORS},
+        }
+        if isinstance(self.schedule, AdaptiveSchedule):
+            policy = self.schedule.policy
+            state["refresh"] = {
+                "intervals": {f"{k[0]}/{k[1]}": v for k, v in policy.intervals.items()},  # type: ignore[index]
+                "last": {f"{k[0]}/{k[1]}": v for k, v in policy.last.items()},  # type: ignore[index]
+            }
+        if self.capture.generator is not None:
+            state["mc_generator"] = self.capture.generator.get_state()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output and recompute this rank's decompositions.
+
+        Raises ValueError naming the entry when the state does not fit this model and job.
+        """
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            got = state.get("version") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(
+                f"KFAC state: version {got!r}; expected a dict from KFACPreconditioner.state_dict() "
+                f"with version {STATE_VERSION}"
+            )
+        if state["world_size"] != self.comm.world_size or state["rank"] != self.comm.rank:
+            raise ValueError(
+                f"KFAC state: written by rank {state['rank']} of {state['world_size']}; expected "
+                f"rank {self.comm.rank} of {self.comm.world_size} (factors are sharded by rank)"
+            )
+        traces = state["traces"]
+        missing = sorted({f"{la.name}/{f}" for la in self.layers for f in FACTORS} ^ set(traces))
+        if missing:
+            raise ValueError(
+                f"KFAC state: layers {missing} are in only one of the checkpoint and the model; "
+                "expected the same registered layers"
+            )
+        check_factors_state(self.layers, state["factors"])
+        load_factors_state(
+            self.layers, state["factors"], traces, self.config.method, self._inverse_dtype, self.device
+        )
+        self.stats = KFACStats(**state["stats"])
+        if "refresh" in state and isinstance(self.schedule, AdaptiveSchedule):
+            policy = self.schedule.policy
+            policy.intervals = {tuple(k.rsplit("/", 1)): v for k, v in state["refresh"]["intervals"].items()}
+            policy.last = {tuple(k.rsplit("/", 1)): v for k, v in state["refresh"]["last"].items()}
+        if "mc_generator" in state:
+            self.capture.generator = torch.Generator(self.device)
+            self.capture.generator.set_state(state["mc_generator"])
+        self._rebroadcast = True
+        self.capture.reset()
+        self.capture.capturing = self._capturing_at(self.stats.steps)
+
+    # -- set-up --------------------------------------------------------------------------------
+
+    def _default_communicator(self) -> Communicator:
+        if self.config.transport == "mpi":
+            from ngd_dist.kfac.distributed.mpi import MPICommunicator
+
+            return MPICommunicator()
+        return default_communicator()
+
+    def _make_schedule(self) -> Schedule:
+        c = self.config
+        if c.refresh == "fixed":
+            return FixedSchedule(c.factor_every, c.inverse_every)
+        policy = AdaptiveInterval(
+            initial=c.inverse_every,
+            cap=c.refresh_cap,
+            low=c.refresh_low,
+            high=c.refresh_high,
+            floor=c.factor_every,
+        )
+        return AdaptiveSchedule(c.factor_every, policy)
+
+    def _keys(self) -> list[Key]:
+        return [(layer.name, f) for layer in self.layers for f in FACTORS]
+
+    def _capturing_at(self, step: int) -> set[str]:
+        return {name for name, f in self._keys() if self.schedule.fold_due((name, f), step)}
+
+    def _timed(self, phase: str, fn: Any, *args: Any) -> None:
+        start = time.perf_counter()
+        fn(*args)
+        self.timings[phase] += time.perf_counter() - start
+
+    # -- one step ------------------------------------------------------------------------------
+
+    def _check_marked(self) -> None:
+        if self.config.curvature in ("ief", "mc") and self.capture.unmarked():
+            raise RuntimeError(
+                f"curvature={self.config.curvature!r} needs the model's logits: call "
+                "precond.mark_output(logits) after each forward pass (before backward), or set "
+                "KFACConfig(output_module=<name of the head module>)"
+            )
+
+    def _grads(self) -> list[Tensor]:
+        return [p.grad for p in self.model.parameters() if p.grad is not None]
+
+    def _average_gradients(self) -> None:
+        """Average every gradient over the ranks in one bucket, unless DDP did it already."""
+        world = self.comm.world_size
+        if world == 1 or self.ddp:
+            return
+        grads = self._grads()
+        if not grads:
+            return
+        dtype = grads[0].dtype if all(g.dtype == grads[0].dtype for g in grads) else torch.float32
+        layout = Layout([Slot(i, tuple(g.shape)) for i, g in enumerate(grads)])
+        summed = self.collectives.all_reduce(layout, dict(enumerate(grads)), "gradients", dtype, self.device)
+        for i, g in enumerate(grads):
+            g.copy_(summed[i] / world)
+
+    def _scaler_will_skip(self) -> bool:
+        scaler = self.grad_scaler
+        if scaler is None or not scaler.is_enabled():
+            return False
+        grads = self._grads()
+        return bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+    def _fold(self, keys: list[Key], step: int) -> None:
+        """Sum due statistics to their owners and fold them; every rank makes the same decisions."""
+        rank, decay = self.comm.rank, self.config.factor_decay
+        meta_in: dict[Hashable, Tensor] = {}
+        for key in keys:
+            pending = self._factor(key).pending
+            if pending.total is None:
+                meta_in[key] = torch.zeros(3, dtype=torch.float64, device=self.device)
+                continue
+            total = pending.total
+            diag = total if total.dim() == 1 else total.diagonal()
+            flag = (~torch.isfinite(total).all()).double()
+            meta_in[key] = torch.stack([diag.sum().double(), total.new_tensor(pending.count).double(), flag])
+        layout = Layout([Slot(key, (3,)) for key in keys])
+        meta = self.collectives.all_reduce(layout, meta_in, "meta", torch.float64, self.device)
+        values = {key: meta[key].tolist() for key in keys}
+        reduced: dict[Hashable, Tensor] = {}
+        for owner in range(self.comm.world_size):
+            mine = [k for k in keys if self.plan.owner(*k) == owner and values[k][1] > 0]
+            slots = [
+                Slot(k, self._by_name[k[0]].shape(k[1]), symmetric=len(self._by_name[k[0]].shape(k[1])) == 2)
+                for k in mine
+            ]
+            totals = {k: self._factor(k).pending.total for k in mine}
+            result = self.collectives.reduce(
+                Layout(slots),
+                {k: t for k, t in totals.items() if t is not None},
+                owner,
+                "factors",
+                self._comm_dtype,
+                self.device,
+            )
+            if result is not None:
+                reduced.update(result)
+        accepted: list[Key] = []
+        for key in keys:
+            trace_sum, count, nonfinite = values[key]
+            if count == 0:
+                continue
+            if nonfinite > 0 or not math.isfinite(trace_sum):
+                self.stats.nonfinite_rejected += 1
+                continue
+            accepted.append(key)
+            factor = self._factor(key)
+            factor.fold_trace(trace_sum / count, decay)
+            if self.plan.owner(*key) == rank:
+                factor.fold(reduced[key].to(accumulation_dtype(self.config.factor_dtype)) / count, decay)  # type: ignore[arg-type]
+        if accepted:
+            self.stats.factor_refreshes += 1
+
+    def _factor(self, key: Hashable) -> Factor:
+        assert isinstance(key, tuple)
+        return self._by_name[key[0]].factors[key[1]]
+
+    def _shift(self, key: Key, damping: float) -> float:
+        layer = self._by_name[key[0]]
+        trace_a = layer.factors["a"].trace or 0.0
+        trace_g = layer.factors["g"].trace or 0.0
+        shift_a, shift_g = inverse_shifts(trace_a, layer.a_dim, trace_g, layer.g_dim, damping)
+        return shift_a if key[1] == "a" else shift_g
+
+    def _observe_staleness(self, due: list[Key], step: int) -> None:
+        """Adapt the due factors' intervals to how far they moved since their decompositions.
+
+        Owners measure; one all-reduce gives every rank the same numbers and the same decisions.
+        """
+        middle = (self.config.refresh_low + self.config.refresh_high) / 2
+        changes: dict[Hashable, Tensor] = {}
+        for key in due:
+            factor = self._factor(key)
+            if self.plan.owner(*key) != self.comm.rank:
+                continue
+            if factor.running is None or factor.decomposed_from is None:
+                change = middle  # nothing to compare yet: keep the interval
+            else:
+                change = relative_change(factor.running, factor.decomposed_from)
+            changes[key] = torch.tensor([change], dtype=torch.float64)
+        layout = Layout([Slot(key, (1,)) for key in due])
+        shared = self.collectives.all_reduce(layout, changes, "meta", torch.float64, self.device)
+        for key in due:
+            self.schedule.observe(key, step, float(shared[key]))
+
+    def _decompose(self, due: list[Key], keys: list[Key], step: int) -> None:
+        """Owners decompose their ``due`` factors, then send ``keys`` to their column.
+
+        ``keys`` are the due factors, or all of them after a checkpoint was loaded.
+        """
+        rank, damping = self.comm.rank, self.config.damping_at(step)
+        self._rebroadcast = False
+        if isinstance(self.schedule, AdaptiveSchedule) and due:
+            self._observe_staleness(due, step)
+        for key in due:
+            factor = self._factor(key)
+            if self.plan.owner(*key) != rank or factor.running is None:
+                continue
+            shift = self._shift(key, damping)
+            result, retried = decompose(
+                factor.running,
+                self.config.method,
+                shift,
+                self._inverse_dtype,
+            )
+            self.stats.decompositions += 1
+            self.decomposed[key] += 1
+            self.stats.decomposition_retries += int(retried)
+            self.stats.decomposition_failures += int(result is None)
+            if result is not None:
+                factor.decomposition = result
+                factor.decomposed_from, factor.decomposed_shift = factor.running, shift
+        if self.plan.grad_workers == 1:
+            return
+        column = self.plan.column_of(rank)
+        members = self.plan.column_ranks(column)
+        mine = [k for k in keys if self.plan.layer_column[k[0]] == column]
+        for src, owner in enumerate(members):
+            sent = [k for k in mine if self.plan.owner(*k) == owner]
+            if not sent:
+                continue
+            method = self.config.method
+            layout = Layout(
+                [s for k in sent for s in decomposition_slots(k, self._by_name[k[0]].shape(k[1]), method)]
+            )
+            payload: dict[Hashable, Tensor] = {}
+            if owner == rank:
+                for k in sent:
+                    payload.update(decomposition_tensors(k, self._factor(k).decomposition))
+            received = self._column.broadcast(
+                layout,
+                payload,
+                src,
+                "decompositions",
+                self._inverse_dtype,
+                self.device,
+            )
+            if owner != rank:
+                for k in sent:
+                    d = received_decomposition(k, received, method)
+                    if d is not None:
+                        self._factor(k).decomposition = d
+
+    def _learning_rates(self) -> dict[int, float]:
+        if self.optimizer is None:
+            return {}
+        return {id(p): float(group["lr"]) for group in self.optimizer.param_groups for p in group["params"]}
+
+    def _precondition(self, step: int) -> None:
+        damping = self.config.damping_at(step)
+        self.stats.damping = damping
+        rank = self.comm.rank
+        column = self.plan.column_of(rank)
+        grads = {la.name: la.math.grad_matrix(la.module) for la in self.layers}
+        present = [la for la in self.layers if grads[la.name] is not None]
+        updates: dict[Hashable, Tensor] = {}
+        for layer in present:
+            if self.plan.layer_column[layer.name] != column:
+                continue
+            grad = grads[layer.name]
+            assert grad is not None
+            a, g = layer.factors["a"].decomposition, layer.factors["g"].decomposition
+            updates[layer.name] = grad if a is None or g is None else precondition(a, g, grad, damping)
+        if self.plan.columns > 1:
+            for src in range(self.plan.columns):
+                sent = [la for la in present if self.plan.layer_column[la.name] == src]
+                if not sent:
+                    continue
+                layout = Layout([Slot(la.name, (la.g_dim, la.a_dim)) for la in sent])
+                dtype = grads[sent[0].name].dtype  # type: ignore[union-attr]
+                received = self._row.broadcast(
+                    layout, updates if src == column else {}, src, "preconditioned", dtype, self.device
+                )
+                if src != column:
+                    updates.update(received)
+        if not updates:
+            return
+        # The squared gradient norm stays on the device (read by grad_norm() only when asked); with
+        # the KL clip on, it rides along the clip's host sync of lr^2 <Pg, g>.
+        squares, terms = [], []
+        lrs = self._learning_rates() if self.config.kl_clip is not None else {}
+        for layer in present:
+            grad = grads[layer.name]
+            assert grad is not None
+            squares.append(grad.float().square().sum())
+            if self.config.kl_clip is not None:
+                lr = lrs.get(id(layer.math.params(layer.module)[0]), 0.0)
+                terms.append((updates[layer.name] * grad).sum().float() * lr**2)
+        self._grad_norm_sq = torch.stack(squares).sum()
+        scale = 1.0
+        if self.config.kl_clip is not None:
+            sq, vg = (float(v) for v in torch.stack([self._grad_norm_sq, torch.stack(terms).sum()]).tolist())
+            self._grad_norm_sq = sq
+            if vg > 0 and math.isfinite(vg):
+                scale = min(1.0, math.sqrt(self.config.kl_clip / vg))
+        self.stats.kl_scale = scale
+        for layer in present:
+            update = updates[layer.name]
+            layer.math.set_grad(layer.module, update * scale if scale != 1.0 else update)

@@ -1,0 +1,394 @@
+"""Models and datasets by name: the built-ins, or the user's own as ``package.module:factory``.
+
+A job names them as ``model: {name: resnet18, args: {...}}`` and ``data: {name: synthetic_images,
+args: {...}}``; :func:`build_model` and :func:`build_dataset` turn that into an ``nn.Module`` and an
+``(inputs, targets)`` pair of tensors. Every problem with a name or its arguments raises
+``ValueError`` naming the job field (``model.name``, ``data.args.block_size``, ...).
+
+User factories
+--------------
+``name: "my_pkg.my_module:make_model"`` imports ``my_pkg.my_module`` (after putting any
+``import_paths`` at the front of ``sys.path``) and calls ``make_model(**args)``. The attribute
+after the colon may be dotted (``module:Class.build``).
+
+- A model factory returns an ``nn.Module``. It may set two plain attributes on that module, read
+  by :func:`output_module_of` and :func:`task_of`:
+
+  - ``ngd_output_module: str``: the qualified name of the submodule whose output are the logits
+    (what ``KFACConfig.output_module`` wants); without it the logits must be marked by hand
+    (``precond.mark_output``) for the "mc" and "ief" curvatures;
+  - ``ngd_task: "classification" | "language_model"`` (default ``"classification"``):
+    classification maps a batch ``(B, ...)`` to logits ``(B, classes)`` against int64 labels
+    ``(B,)``; a language model maps token ids ``(B, T)`` to logits ``(B, T, vocab)`` against
+    next-token targets ``(B, T)``. Both are trained with cross-entropy over the last dimension.
+
+- A dataset factory returns ``(inputs, targets)``, two tensors with the same first dimension, or
+  a map-style ``torch.utils.data.Dataset`` of at most :data:`MAX_STACKED_SAMPLES` ``(input,
+  target)`` items, which is stacked into that pair. If it has a parameter named ``seed`` and the
+  args do not set one, the job's seed is passed.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import keyword
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from ngd_dist.service import models
+from ngd_dist.service.data import datasets
+
+Task = Literal["classification", "language_model"]
+TASKS: tuple[Task, ...] = ("classification", "language_model")
+
+MAX_STACKED_SAMPLES = 200_000
+"""Largest map-style Dataset a user factory may return (it is stacked item by item in memory)."""
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A built-in model: its factory, the name of its logits module and its task."""
+
+    factory: Callable[..., nn.Module]
+    output_module: str
+    task: Task
+
+
+@dataclass(frozen=True)
+class BuiltinDataset:
+    """A built-in dataset: its factory and the task its targets are for."""
+
+    factory: Callable[..., tuple[Tensor, Tensor]]
+    task: Task
+
+
+BUILTIN_MODELS: Mapping[str, BuiltinModel] = {
+    "mlp": BuiltinModel(models.mlp, "5", "classification"),
+    "small_cnn": BuiltinModel(models.small_cnn, "5", "classification"),
+    "resnet18": BuiltinModel(models.resnet18, "fc", "classification"),
+    "gpt": BuiltinModel(models.gpt, "head", "language_model"),
+}
+"""Built-in models by job name. ``output_module`` is the logits module with default arguments."""
+
+BUILTIN_DATASETS: Mapping[str, BuiltinDataset] = {
+    "digits": BuiltinDataset(datasets.digits, "classification"),
+    "synthetic_images": BuiltinDataset(datasets.synthetic_images, "classification"),
+    "synthetic_tokens": BuiltinDataset(datasets.synthetic_tokens, "language_model"),
+    "text": BuiltinDataset(datasets.text_file, "language_model"),
+    "tensor_file": BuiltinDataset(datasets.image_folder_tensors, "classification"),
+}
+"""Built-in datasets by job name."""
+
+
+def is_user_factory(name: str) -> bool:
+    """Whether ``name`` is a ``package.module:factory`` reference rather than a built-in name."""
+    return isinstance(name, str) and ":" in name
+
+
+def build_model(
+    name: str,
+    args: Mapping[str, Any] | None = None,
+    *,
+    seed: int | None = None,
+    import_paths: Sequence[str | os.PathLike[str]] = (),
+) -> nn.Module:
+    """Build the model a job names: a built-in (:data:`BUILTIN_MODELS`) or ``package.module:factory``.
+
+    ``args`` are passed as keyword arguments (built-ins check names and types first). With ``seed``
+    the parameters are initialised from ``torch`` CPU generator state seeded by it, and the global
+    CPU RNG state is restored afterwards, so every rank builds the same weights. Built-in MLPs and
+    CNNs get an ``ngd_output_module`` attribute naming their last ``nn.Linear`` (``"5"`` with the
+    default depth); ``ResNet`` and ``GPT`` carry it as a class attribute. Raises ``ValueError``
+    naming ``model.name`` or ``model.args[.<arg>]``.
+    """
+    factory, builtin = _resolve("model", name, BUILTIN_MODELS, import_paths)
+    kwargs = _check_args("model", name, factory, args, builtin=builtin)
+    if seed is None:
+        model = _call("model", name, factory, kwargs)
+    else:
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer, got {seed!r}")
+        state = torch.get_rng_state()
+        try:
+            torch.random.default_generator.manual_seed(seed % 2**63)
+            model = _call("model", name, factory, kwargs)
+        finally:
+            torch.set_rng_state(state)
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model.name: {name!r} returned a {type(model).__name__}, not a torch.nn.Module")
+    if builtin and name in ("mlp", "small_cnn"):
+        last = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+        model.ngd_output_module = last
+    return model
+
+
+def build_dataset(
+    name: str,
+    args: Mapping[str, Any] | None = None,
+    *,
+    seed: int,
+    import_paths: Sequence[str | os.PathLike[str]] = (),
+) -> tuple[Tensor, Tensor]:
+    """Build the ``(inputs, targets)`` a job names: a built-in or ``package.module:factory``.
+
+    Built-ins are listed in :data:`BUILTIN_DATASETS`; ``"text"`` is
+    :func:`~ngd_dist.service.data.datasets.text_file` (``args: {path, block_size}``) and
+    ``"tensor_file"`` is :func:`~ngd_dist.service.data.datasets.image_folder_tensors` (``args:
+    {path}``). The job ``seed`` is passed to every factory with a ``seed`` parameter unless ``args``
+    sets ``seed`` itself (an explicit
+    ``data.args.seed`` wins). Raises ``ValueError`` naming ``data.name`` or ``data.args[.<arg>]``.
+    """
+    factory, builtin = _resolve("data", name, BUILTIN_DATASETS, import_paths)
+    kwargs = _check_args("data", name, factory, args, builtin=builtin)
+    if "seed" not in kwargs and "seed" in (_parameters(factory) or {}):
+        kwargs["seed"] = seed
+    return _as_tensors(name, _call("data", name, factory, kwargs))
+
+
+def output_module_of(name: str, model: nn.Module | None = None) -> str | None:
+    """The qualified name of the module whose output are the logits, or None if unknown.
+
+    With ``model`` (as built by :func:`build_model`), its ``ngd_output_module`` attribute wins and
+    must name one of its submodules. Otherwise: ``"5"`` for ``mlp`` and ``small_cnn`` (default
+    depth), ``"fc"`` for ``resnet18``, ``"head"`` for ``gpt``, and None for a user factory
+    without the attribute. An unknown built-in name raises ``ValueError``.
+    """
+    declared = getattr(model, "ngd_output_module", None) if model is not None else None
+    if declared is not None:
+        assert model is not None
+        if not isinstance(declared, str) or declared not in dict(model.named_modules()):
+            raise ValueError(
+                f"model.name: {name!r} built a model whose ngd_output_module={declared!r} names none of "
+                "its submodules"
+            )
+        return declared
+    spec = BUILTIN_MODELS.get(name)
+    if spec is not None:
+        return spec.output_module
+    if not is_user_factory(name):
+        raise ValueError(_unknown("model", name, BUILTIN_MODELS))
+    return None
+
+
+def task_of(name: str, model: nn.Module | None = None) -> Task:
+    """``"classification"`` or ``"language_model"`` for a model name (and the built model).
+
+    A built-in's task is fixed (``gpt`` is the language model). For a user factory, the model's
+    ``ngd_task`` attribute if set (checked), else ``"classification"``.
+    """
+    spec = BUILTIN_MODELS.get(name)
+    if spec is not None:
+        return spec.task
+    if not is_user_factory(name):
+        raise ValueError(_unknown("model", name, BUILTIN_MODELS))
+    declared = getattr(model, "ngd_task", "classification") if model is not None else "classification"
+    if declared not in TASKS:
+        raise ValueError(
+            f"model.name: {name!r} built a model with ngd_task={declared!r}; expected one of {TASKS}"
+        )
+    return declared
+
+
+def dataset_task_of(name: str) -> Task | None:
+    """The task a built-in dataset's targets are for; None for a user factory."""
+    spec = BUILTIN_DATASETS.get(name)
+    if spec is not None:
+        return spec.task
+    if not is_user_factory(name):
+        raise ValueError(_unknown("data", name, BUILTIN_DATASETS))
+    return None
+
+
+# -- resolution ------------------------------------------------------------------------------------
+
+
+def _unknown(field: str, name: object, builtins: Mapping[str, object]) -> str:
+    kind = "model" if field == "model" else "dataset"
+    close = difflib.get_close_matches(str(name), list(builtins), n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return (
+        f"{field}.name: unknown built-in {kind} {name!r}{hint}; built-ins: {', '.join(builtins)}; "
+        f"or give 'package.module:factory' for your own"
+    )
+
+
+def _dotted(text: str) -> bool:
+    return bool(text) and all(part.isidentifier() and not keyword.iskeyword(part) for part in text.split("."))
+
+
+def _resolve(
+    field: str,
+    name: str,
+    builtins: Mapping[str, BuiltinModel] | Mapping[str, BuiltinDataset],
+    import_paths: Sequence[str | os.PathLike[str]],
+) -> tuple[Callable[..., Any], bool]:
+    if not isinstance(name, str) or not name.strip():
+        raise ValueError(f"{field}.name must be a non-empty string, got {name!r}")
+    spec = builtins.get(name)
+    if spec is not None:
+        return spec.factory, True
+    if not is_user_factory(name):
+        raise ValueError(_unknown(field, name, builtins))
+    module_name, _, attr_path = name.partition(":")
+    if not _dotted(module_name) or not _dotted(attr_path):
+        raise ValueError(
+            f"{field}.name: {name!r} is not of the form 'package.module:factory' "
+            "(dotted identifiers on both sides of one colon)"
+        )
+    for entry in reversed([os.fspath(p) for p in import_paths]):
+        if entry not in sys.path:
+            sys.path.insert(0, entry)
+    importlib.invalidate_caches()
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and (module_name == exc.name or module_name.startswith(exc.name + ".")):
+            raise ValueError(
+                f"{field}.name: cannot import module {module_name!r} for {name!r}: no module named "
+                f"{exc.name!r} (is its directory on sys.path / in import_paths?)"
+            ) from exc
+        raise ValueError(
+            f"{field}.name: importing module {module_name!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    except Exception as exc:
+        raise ValueError(
+            f"{field}.name: importing module {module_name!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+    target: Any = module
+    for depth, part in enumerate(attr_path.split(".")):
+        if not hasattr(target, part):
+            owner = ".".join([module_name, *attr_path.split(".")[:depth]])
+            raise ValueError(f"{field}.name: {owner!r} has no attribute {part!r} (from {name!r})")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ValueError(f"{field}.name: {name!r} is a {type(target).__name__}, not a callable factory")
+    return target, False
+
+
+def _parameters(factory: Callable[..., Any]) -> Mapping[str, inspect.Parameter] | None:
+    """The factory's parameters, or None when it has no introspectable signature."""
+    try:
+        return inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return None
+
+
+def _check_args(
+    field: str, name: str, factory: Callable[..., Any], args: Mapping[str, Any] | None, *, builtin: bool
+) -> dict[str, Any]:
+    if args is None:
+        return {}
+    if not isinstance(args, Mapping):
+        raise ValueError(f"{field}.args must be a mapping of argument names to values, got {args!r}")
+    kwargs: dict[str, Any] = {}
+    for key, value in args.items():
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ValueError(f"{field}.args: argument names must be identifiers, got {key!r}")
+        kwargs[key] = value
+    params = _parameters(factory)
+    if params is None:  # no signature to check against: the call itself will tell
+        return kwargs
+    named = {
+        p.name: p
+        for p in params.values()
+        if p.kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    }
+    takes_any = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    accepted = ", ".join(named) or "none"
+    for key in kwargs:
+        if key not in named and not takes_any:
+            raise ValueError(f"{field}.args.{key}: {name!r} takes no argument {key!r}; accepted: {accepted}")
+    for param in named.values():
+        filled_later = field == "data" and param.name == "seed"
+        if param.default is inspect.Parameter.empty and param.name not in kwargs and not filled_later:
+            raise ValueError(f"{field}.args.{param.name}: required by {name!r} but not given")
+    if builtin:
+        for key, value in kwargs.items():
+            _check_type(field, name, named[key], value)
+    return kwargs
+
+
+def _check_type(field: str, name: str, param: inspect.Parameter, value: Any) -> None:
+    default = param.default
+    if default is inspect.Parameter.empty:  # paths
+        ok, expected = isinstance(value, (str, os.PathLike)), "a path string"
+    elif isinstance(default, bool):
+        ok, expected = isinstance(value, bool), "true or false"
+    elif isinstance(default, int):
+        ok, expected = isinstance(value, int) and not isinstance(value, bool), "an integer"
+    elif isinstance(default, float):
+        ok, expected = isinstance(value, (int, float)) and not isinstance(value, bool), "a number"
+    else:
+        return
+    if not ok:
+        raise ValueError(
+            f"{field}.args.{param.name}: {name!r} expects {expected}, got {value!r} ({type(value).__name__})"
+        )
+
+
+def _call(field: str, name: str, factory: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+    try:
+        return factory(**kwargs)
+    except TypeError as exc:
+        raise ValueError(f"{field}.args: {name!r} rejected the arguments {kwargs!r}: {exc}") from exc
+    except Exception as exc:
+        raise ValueError(
+            f"{field}.args: building {name!r} with {kwargs!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
+
+
+def _as_tensors(name: str, result: Any) -> tuple[Tensor, Tensor]:
+    if isinstance(result, (tuple, list)) and len(result) == 2:
+        inputs, targets = result
+        if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
+            raise ValueError(
+                f"data.name: {name!r} returned a pair of {type(inputs).__name__} and "
+                f"{type(targets).__name__}; expected two tensors"
+            )
+    elif isinstance(result, torch.utils.data.Dataset):
+        inputs, targets = _stack(name, result)
+    else:
+        raise ValueError(
+            f"data.name: {name!r} returned a {type(result).__name__}; expected (inputs, targets) tensors "
+            "or a map-style torch.utils.data.Dataset"
+        )
+    if inputs.dim() == 0 or targets.dim() == 0 or len(inputs) != len(targets) or len(inputs) == 0:
+        raise ValueError(
+            f"data.name: {name!r} returned inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)}; "
+            "they need the same, non-zero first dimension"
+        )
+    return inputs, targets
+
+
+def _stack(name: str, dataset: torch.utils.data.Dataset[Any]) -> tuple[Tensor, Tensor]:
+    if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
+        raise ValueError(
+            f"data.name: {name!r} returned an iterable or unsized Dataset; return (inputs, targets) "
+            "tensors or a map-style Dataset with __len__"
+        )
+    count = len(dataset)
+    if count > MAX_STACKED_SAMPLES:
+        raise ValueError(
+            f"data.name: {name!r} returned a Dataset of {count} items, more than the "
+            f"{MAX_STACKED_SAMPLES} that are stacked into memory; return (inputs, targets) tensors"
+        )
+    inputs: list[Tensor] = []
+    targets: list[Tensor] = []
+    for i in range(count):
+        item = dataset[i]
+        if not isinstance(item, (tuple, list)) or len(item) != 2:
+            raise ValueError(f"data.name: {name!r}: Dataset item {i} is not an (input, target) pair")
+        inputs.append(torch.as_tensor(item[0]))
+        targets.append(torch.as_tensor(item[1]))
+    try:
+        return torch.stack(inputs), torch.stack(targets)
+    except RuntimeError as exc:
+        raise ValueError(f"data.name: {name!r}: Dataset items cannot be stacked: {exc}") from exc

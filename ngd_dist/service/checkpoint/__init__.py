@@ -1,0 +1,14 @@
+"""Crash-safe checkpoints: the verified on-disk store, RNG state capture, and preemption signals."""
+
+from ngd_dist.service.checkpoint.preemption import PreemptionHandler
+from ngd_dist.service.checkpoint.rng import capture_rng_state, restore_rng_state
+from ngd_dist.service.checkpoint.store import CheckpointError, CheckpointStore, agree_on_step
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointStore",
+    "PreemptionHandler",
+    "agree_on_step",
+    "capture_rng_state",
+    "restore_rng_state",
+]

@@ -1,1 +1,0 @@
-"""The training side: small built-in models and the quickstart job."""

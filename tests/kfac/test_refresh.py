@@ -1,0 +1,60 @@
+"""The adaptive refresh policy on a scripted sequence of relative changes."""
+
+import pytest
+import torch
+
+from ngd_dist.kfac.refresh import AdaptiveInterval, relative_change
+
+
+def test_relative_change_is_the_frobenius_ratio() -> None:
+    old = torch.tensor([[3.0, 0.0], [0.0, 4.0]])
+    assert relative_change(old * 1.1, old) == pytest.approx(0.1)
+    assert relative_change(torch.zeros(2), torch.zeros(2)) == 0.0
+    assert relative_change(torch.ones(2), torch.zeros(2)) == float("inf")
+
+
+def test_intervals_lengthen_on_stable_statistics_and_shorten_after_a_change() -> None:
+    policy = AdaptiveInterval(initial=1, cap=8, low=0.05, high=0.2)
+    step, history = 0, []
+    script = [0.01, 0.01, 0.01, 0.01, 0.01, 0.5, 0.5, 0.1, 0.01]
+    for change in script:
+        assert policy.due("l0.a", step)
+        history.append(policy.observe("l0.a", step, change))
+        assert not policy.due("l0.a", step + history[-1] - 1)
+        step += history[-1]
+    assert history == [2, 4, 8, 8, 8, 4, 2, 2, 4]
+    assert policy.interval("other") == 1
+    assert policy.due("other", 0)
+
+
+def test_same_inputs_give_the_same_decisions() -> None:
+    a, b = AdaptiveInterval(cap=16), AdaptiveInterval(cap=16)
+    for step, change in enumerate([0.0, 0.3, 0.01, 0.01, 0.9]):
+        assert a.observe(("l", "g"), step, change) == b.observe(("l", "g"), step, change)
+    assert a.intervals == b.intervals
+    assert a.last == b.last
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"cap": 0}, "cap: got 0"), ({"initial": 9, "cap": 8}, "initial: got 9"), ({"low": 0.3, "high": 0.2}, "low/high")],
+)
+def test_bad_policy_settings_are_rejected(kwargs, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        AdaptiveInterval(**kwargs)
+
+
+def test_adaptive_schedule_folds_on_the_fixed_period_and_decomposes_adaptively() -> None:
+    from ngd_dist.kfac.refresh import AdaptiveSchedule
+
+    schedule = AdaptiveSchedule(5, AdaptiveInterval(initial=20, cap=80, low=0.05, high=0.2, floor=5))
+    assert [s for s in range(0, 30) if schedule.fold_due("k", s)] == [0, 5, 10, 15, 20, 25]
+    assert schedule.decompose_due("k", 0)
+    schedule.observe("k", 0, 0.5)  # stale: 20 -> 10
+    assert not schedule.decompose_due("k", 9)
+    assert schedule.decompose_due("k", 10)
+    for step in (10, 15):
+        schedule.observe("k", step, 0.9)
+    assert schedule.interval("k") == 5  # never below the statistics period
+    with pytest.raises(ValueError, match="floor: got 30"):
+        AdaptiveInterval(initial=20, floor=30)

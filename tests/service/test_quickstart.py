@@ -1,0 +1,33 @@
+"""The README's main job, run as a new user would."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ngd_dist.service.data import load_digits
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_embedded_digits_load() -> None:
+    images, labels = load_digits()
+    assert images.shape == (1797, 1, 8, 8)
+    assert labels.shape == (1797,)
+    assert float(images.min()) == 0.0
+    assert float(images.max()) == 1.0
+    assert sorted(set(labels.tolist())) == list(range(10))
+
+
+@pytest.mark.parametrize("curvature", ["ief", "ef", "mc"])
+def test_quickstart_cli_trains(curvature: str) -> None:
+    cli = Path(sys.executable).with_name("ngd-dist")
+    proc = subprocess.run(
+        [str(cli), "quickstart", "--steps", "30", "--curvature", curvature],
+        capture_output=True, text=True, timeout=120, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr
+    summary = proc.stdout.strip().splitlines()[-1]
+    first, last = summary.split("loss ")[1].split(",")[0].split(" -> ")
+    assert float(last) < 0.5 * float(first), summary
