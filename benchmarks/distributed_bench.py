@@ -22,7 +22,6 @@ import statistics
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from ngd_dist import KFACConfig, KFACPreconditioner  # noqa: E402
 from ngd_dist.kfac.distributed import LayerShape, make_plan  # noqa: E402
+from ngd_dist.kfac.timing import PhaseClock  # noqa: E402
 from ngd_dist.service.metrics import PHASES as _EXPORTED_PHASES  # noqa: E402
 from ngd_dist.testing.distributed import run_ranks  # noqa: E402
 
@@ -66,6 +66,7 @@ def _worker(rank: int, world: int, steps: int, blocks: int, per_rank: int, width
         model: nn.Module = _model(width)
         model = DistributedDataParallel(model) if world > 1 else model
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        clock = PhaseClock()  # the preconditioner's phases and statistics nest in the loop's, counted once
         pc = None
         if kfac is not None:
             config = KFACConfig(
@@ -77,42 +78,35 @@ def _worker(rank: int, world: int, steps: int, blocks: int, per_rank: int, width
                 refresh_cap=400,
                 **kfac,
             )
-            pc = KFACPreconditioner(model, config, optimizer=opt)
-        runs[name] = {"model": model, "opt": opt, "pc": pc, "times": [], "phases": defaultdict(float)}
+            pc = KFACPreconditioner(model, config, optimizer=opt, clock=clock)
+        runs[name] = {"model": model, "opt": opt, "pc": pc, "clock": clock, "times": []}
     order = list(CONFIGS)
     for block in range(blocks):
         for name in order if block % 2 == 0 else order[::-1]:
             run = runs[name]
-            model, opt, pc = run["model"], run["opt"], run["pc"]
+            model, opt, pc, clock = run["model"], run["opt"], run["pc"], run["clock"]
             for i in range(steps + (5 if block == 0 else 0)):
                 start = time.perf_counter()
-                opt.zero_grad()
-                F.cross_entropy(model(x), y).backward()
-                mid = time.perf_counter()
+                with clock("forward_backward"):
+                    opt.zero_grad()
+                    F.cross_entropy(model(x), y).backward()
                 if pc is not None:
                     pc.step()
-                before_opt = time.perf_counter()
-                opt.step()
+                with clock("optimizer"):
+                    opt.step()
                 end = time.perf_counter()
                 if block == 0 and i < 5:  # warm-up
+                    clock.totals.clear()
                     if pc is not None:
-                        pc.timings.clear()
                         pc.collectives.bytes.clear()
                         pc.collectives.calls.clear()
                     continue
                 run["times"].append(end - start)
-                run["phases"]["forward_backward"] += mid - start
-                run["phases"]["optimizer"] += end - before_opt
     out: dict[str, Any] = {}
     for name, run in runs.items():
         n = len(run["times"])
-        phases = dict(run["phases"])
+        phases = dict(run["clock"].totals)
         pc = run["pc"]
-        if pc is not None:
-            for phase, seconds in pc.timings.items():
-                phases[phase] = phases.get(phase, 0.0) + seconds
-            # statistics are computed inside the forward/backward hooks
-            phases["forward_backward"] -= pc.timings.get("factor_computation", 0.0)
         out[name] = {
             "step_ms_mean": 1000 * statistics.mean(run["times"]),
             "step_ms_median": 1000 * statistics.median(run["times"]),

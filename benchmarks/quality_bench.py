@@ -125,9 +125,9 @@ def cost(
         )
         torch.manual_seed(job.seed)
         worker = Worker(job, Environment(0, 1, 0, torch.device("cpu"), "single"))
-    probe = worker.quality
+    probe = worker.parts.quality
     assert probe is not None
-    batches = worker.loader.forever()
+    batches = worker.parts.loader.forever()
     times: dict[str, list[float]] = {"off": [], "on": []}
     probe_ms: list[float] = []
     gammas: list[float] = []
@@ -152,7 +152,7 @@ def cost(
         for mode in order if r % 2 == 0 else order[::-1]:
             times[mode].extend(step(mode == "on") for _ in range(block))
     off, on = statistics.mean(times["off"]), statistics.mean(times["on"])
-    params = sum(p.numel() for p in worker.base_model.parameters())
+    params = sum(p.numel() for p in worker.parts.base_model.parameters())
     return {
         "model": name,
         "config": config,

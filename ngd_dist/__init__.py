@@ -5,6 +5,7 @@ Two layers: :mod:`ngd_dist.kfac`, the library (a preconditioner for your own loo
 """
 
 from ngd_dist.kfac import (
+    DecompositionError,
     ExactIEF,
     KFACConfig,
     KFACPreconditioner,
@@ -14,6 +15,7 @@ from ngd_dist.kfac import (
 )
 
 __all__ = [
+    "DecompositionError",
     "ExactIEF",
     "KFACConfig",
     "KFACPreconditioner",

@@ -17,7 +17,6 @@ with the right logits. Hooks run with autocast off and accumulate in float32.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -29,6 +28,7 @@ from torch.utils.hooks import RemovableHandle
 from ngd_dist.kfac.config import KFACConfig
 from ngd_dist.kfac.curvature.modules import g_statistic
 from ngd_dist.kfac.layer import KFACLayer
+from ngd_dist.kfac.timing import PhaseClock
 
 
 @dataclass
@@ -50,8 +50,13 @@ class StatisticsCapture:
         layers: list[KFACLayer],
         config: KFACConfig,
         grad_scaler: torch.amp.GradScaler | None,
+        *,
+        clock: PhaseClock,
     ) -> None:
-        """Prepare capture for ``layers``; nothing is hooked until :meth:`install`."""
+        """Prepare capture for ``layers``; nothing is hooked until :meth:`install`.
+
+        The hooks time the statistics they compute as ``factor_computation`` on ``clock``.
+        """
         self.layers = layers
         self.config = config
         self.grad_scaler = grad_scaler
@@ -63,7 +68,7 @@ class StatisticsCapture:
         self._pass: _Pass | None = None
         self._scale: float | None = None
         self._handles: list[RemovableHandle] = []
-        self._seconds = 0.0
+        self.clock = clock
 
     def install(self, model: nn.Module) -> None:
         """Hook every registered module, then the output module named in the config (if any)."""
@@ -92,11 +97,6 @@ class StatisticsCapture:
         self._scale = None
         self.missing_mark = False
 
-    def take_seconds(self) -> float:
-        """Seconds spent computing statistics in the hooks since the last call."""
-        seconds, self._seconds = self._seconds, 0.0
-        return seconds
-
     @property
     def active(self) -> bool:
         """Whether any layer gathers statistics this step."""
@@ -122,16 +122,15 @@ class StatisticsCapture:
     def _on_forward(self, layer: KFACLayer, module: nn.Module, args: tuple, output: Tensor) -> None:
         if not self._capturing(layer):
             return
-        start = time.perf_counter()
         x = args[0].detach()
-        with torch.autocast(x.device.type, enabled=False):
-            total, rows = layer.math.a_statistic(module, x, self.config.factor_dtype)  # type: ignore[arg-type]
-        layer.pending_a.add(total, rows)
-        self._seconds += time.perf_counter() - start
+        with self.clock("factor_computation"):
+            with torch.autocast(x.device.type, enabled=False):
+                total, rows = layer.math.a_statistic(module, x, self.config.factor_dtype)
+            layer.pending_a.add(total, rows)
         if not output.requires_grad:
             return
         current = self._current_pass()
-        if self.config.curvature == "mc":
+        if self.config.curvature.samples_labels:
             current.outputs.append((layer, output))
         else:
             output.register_hook(partial(self._on_output_grad, layer, current))
@@ -147,9 +146,9 @@ class StatisticsCapture:
         current = self._current_pass()
         current.marked = True
         current.loss_rows = logits.numel() // max(logits.shape[-1], 1)
-        if self.config.curvature == "mc":
+        if self.config.curvature.samples_labels:
             self._sampled_fisher(current, logits)
-        elif self.config.curvature == "ief":
+        elif self.config.curvature.weights_samples:
             logits.register_hook(partial(self._on_logit_grad, current))
 
     # -- backward ------------------------------------------------------------------------------
@@ -166,15 +165,14 @@ class StatisticsCapture:
         return rows / self._loss_scale()
 
     def _add_g(self, layer: KFACLayer, g_rows: Tensor, weights: Tensor | None, scale: float) -> None:
-        start = time.perf_counter()
-        with torch.autocast(g_rows.device.type, enabled=False):
-            total = g_statistic(g_rows, weights, scale, self.config.factor_dtype)  # type: ignore[arg-type]
-        layer.pending_g.add(total, layer.math.samples(g_rows))
-        self._seconds += time.perf_counter() - start
+        with self.clock("factor_computation"):
+            with torch.autocast(g_rows.device.type, enabled=False):
+                total = g_statistic(g_rows, weights, scale, self.config.factor_dtype)
+            layer.pending_g.add(total, layer.math.samples(g_rows))
 
     def _on_output_grad(self, layer: KFACLayer, current: _Pass, grad: Tensor) -> None:
         g_rows = layer.math.g_rows(layer.module, grad.detach())
-        if self.config.curvature == "ief":
+        if self.config.curvature.weights_samples:
             if not current.marked:
                 self.missing_mark = True
                 return

@@ -2,7 +2,11 @@
 
 Every field is checked in ``__post_init__``; a bad value raises ``ValueError`` whose message names
 the field, the value given and what is allowed, so a typo in a job file never surfaces as a
-traceback from deep inside the maths.
+traceback from deep inside the maths. Values are resolved there too: after construction every
+dtype field is a ``torch.dtype`` (names such as ``"bf16"`` are accepted), every list a tuple, and
+every string option a :class:`Choice` member (``"ief"`` becomes ``Curvature.IEF``, which still
+equals ``"ief"``), so consumers ask the enum (``config.curvature.needs_logits``) instead of
+comparing strings.
 """
 
 from __future__ import annotations
@@ -11,20 +15,108 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from enum import Enum
+from typing import TypeVar
 
 import torch
 
-Curvature = Literal["ef", "mc", "ief"]
-Method = Literal["eigen", "inverse"]
-LossReduction = Literal["mean", "sum"]
-Refresh = Literal["fixed", "adaptive"]
-Placement = Literal["memory", "communication", "hybrid"]
-Assignment = Literal["round_robin", "greedy"]
-Transport = Literal["torch", "mpi"]
+_C = TypeVar("_C", bound="Choice")
 
-CURVATURES: tuple[str, ...] = ("ef", "mc", "ief")
-METHODS: tuple[str, ...] = ("eigen", "inverse")
+
+def _fail(name: str, value: object, allowed: str) -> ValueError:
+    return ValueError(f"KFACConfig.{name}: got {value!r}; expected {allowed}")
+
+
+class Choice(str, Enum):
+    """A string option of KFACConfig: equal to its value, printed and written in YAML as it."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+    @classmethod
+    def choices(cls) -> tuple[str, ...]:
+        """The values the option accepts, in declaration order."""
+        return tuple(member.value for member in cls)
+
+    @classmethod
+    def parse(cls: type[_C], name: str, value: object) -> _C:
+        """The member whose value is ``value``; ValueError naming the field ``name`` otherwise."""
+        if isinstance(value, str):
+            for member in cls:
+                if member.value == value:
+                    return member
+        raise _fail(name, value, f"one of {', '.join(cls.choices())}")
+
+
+class Curvature(Choice):
+    """Which curvature the G factors estimate; what each needs from the model is asked of it here."""
+
+    EF = "ef"
+    MC = "mc"
+    IEF = "ief"
+
+    @property
+    def needs_logits(self) -> bool:
+        """Whether the model's logits must be marked on every forward pass (``mc`` and ``ief``)."""
+        return self is not Curvature.EF
+
+    @property
+    def samples_labels(self) -> bool:
+        """Whether G comes from an extra backward under labels drawn from the logits (``mc``)."""
+        return self is Curvature.MC
+
+    @property
+    def weights_samples(self) -> bool:
+        """Whether each sample's G rows are weighted by 1 / ||dl_n/dz_n||^2 (``ief``)."""
+        return self is Curvature.IEF
+
+
+class Method(Choice):
+    """How factors are decomposed and applied (see :mod:`ngd_dist.kfac.linalg`)."""
+
+    EIGEN = "eigen"
+    INVERSE = "inverse"
+
+
+class LossReduction(Choice):
+    """How the training loss combines the samples of a batch."""
+
+    MEAN = "mean"
+    SUM = "sum"
+
+
+class Refresh(Choice):
+    """When factors are decomposed again: on a fixed period, or on one adapted per factor."""
+
+    FIXED = "fixed"
+    ADAPTIVE = "adaptive"
+
+
+class Placement(Choice):
+    """Which ranks compute each layer's preconditioned gradient (KAISA's trade-off)."""
+
+    MEMORY = "memory"
+    COMMUNICATION = "communication"
+    HYBRID = "hybrid"
+
+
+class Assignment(Choice):
+    """How factors are dealt to the ranks that decompose them."""
+
+    ROUND_ROBIN = "round_robin"
+    GREEDY = "greedy"
+
+
+class Transport(Choice):
+    """Which library carries the preconditioner's collectives."""
+
+    TORCH = "torch"
+    MPI = "mpi"
+
+
 LAYER_TYPES: tuple[str, ...] = ("Linear", "Conv2d", "Embedding")
 
 _DTYPES: dict[str, torch.dtype] = {
@@ -37,10 +129,6 @@ _DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-
-
-def _fail(name: str, value: object, allowed: str) -> ValueError:
-    return ValueError(f"KFACConfig.{name}: got {value!r}; expected {allowed}")
 
 
 def parse_dtype(name: str, value: object, allowed: tuple[torch.dtype, ...]) -> torch.dtype:
@@ -64,21 +152,19 @@ def _check_int(name: str, value: object, minimum: int) -> int:
 
 
 def _check_float(name: str, value: object, low: float, high: float, *, open_low: bool) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if ok:
-        v = float(value)  # type: ignore[arg-type]
-        ok = (v > low if open_low else v >= low) and v <= high
-    if not ok:
-        bracket = "(" if open_low else "["
-        raise _fail(name, value, f"a finite number in {bracket}{low}, {high}]")
-    return float(value)  # type: ignore[arg-type]
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        v = float(value)
+        if (v > low if open_low else v >= low) and v <= high:
+            return v
+    bracket = "(" if open_low else "["
+    raise _fail(name, value, f"a finite number in {bracket}{low}, {high}]")
 
 
 @dataclass(kw_only=True)
 class KFACConfig:
     """What the preconditioner estimates, how often, and how it damps and inverts it."""
 
-    curvature: Curvature = "ief"
+    curvature: Curvature = Curvature.IEF
     """Curvature estimate for the G factors: ``"ef"`` empirical Fisher (gradients of the training
     loss), ``"mc"`` sampled Fisher (one label per sample drawn from softmax of the marked logits,
     one extra backward), ``"ief"`` improved empirical Fisher (each sample's contribution weighted by
@@ -100,15 +186,20 @@ class KFACConfig:
     """Scale all preconditioned gradients by min(1, sqrt(kl_clip / sum lr^2 <P, g>)); None disables
     it. Needs the optimizer passed to the preconditioner, to read each parameter's learning rate."""
 
-    method: Method = "eigen"
+    method: Method = Method.EIGEN
     """``"eigen"``: eigenbasis form (G + .) x (A + .) damped as a whole, lambda applied at every
     step; ``"inverse"``: damped inverses of each factor with the pi-split (Martens & Grosse)."""
 
-    factor_dtype: torch.dtype | str = torch.float32
+    factor_dtype: torch.dtype = torch.float32
     """dtype the per-batch factor products are computed in (accumulated in float32 regardless)."""
 
-    inverse_dtype: torch.dtype | str = torch.float32
+    inverse_dtype: torch.dtype = torch.float32
     """dtype of decompositions (float32 retried in float64 on failure, or float64)."""
+
+    max_failed_decompositions: int = 3
+    """Consecutive failed decompositions of one factor (in ``inverse_dtype``, then in float64; the
+    previous decomposition is kept each time) after which ``step()`` raises ``DecompositionError``
+    naming the layer and factor, on every rank; >= 1."""
 
     layer_types: tuple[str, ...] = LAYER_TYPES
     """Module types to precondition: any of ``"Linear"``, ``"Conv2d"``, ``"Embedding"``."""
@@ -127,14 +218,14 @@ class KFACConfig:
     """Floor on s_n = ||dl_n/dz_n||^2 (per-sample units, see docs): iEF weights are 1/max(s_n,
     floor), so a sample with a vanishing logit gradient cannot blow a G factor up."""
 
-    loss_reduction: LossReduction = "mean"
+    loss_reduction: LossReduction = LossReduction.MEAN
     """How the loss combines samples: ``"mean"`` (the usual) or ``"sum"``; used to express captured
     output gradients per sample, so that EF / iEF factors do not depend on the batch size."""
 
     seed: int = 0
     """Seed of the generator that draws the sampled-Fisher (``"mc"``) labels."""
 
-    refresh: Refresh = "fixed"
+    refresh: Refresh = Refresh.FIXED
     """``"fixed"``: decompose every factor every inverse_every steps. ``"adaptive"``: each factor
     has its own decomposition interval, starting at inverse_every, doubled while the factor moves
     less than refresh_low since its last decomposition (up to refresh_cap), halved when it moved
@@ -151,11 +242,11 @@ class KFACConfig:
     refresh_cap: int = 128
     """Adaptive refresh: the longest interval, in steps."""
 
-    assignment: Assignment = "round_robin"
+    assignment: Assignment = Assignment.ROUND_ROBIN
     """How factors are dealt to ranks: ``"round_robin"`` in registration order, or ``"greedy"``
     longest-processing-time first by decomposition cost (n^3)."""
 
-    placement: Placement = "memory"
+    placement: Placement = Placement.MEMORY
     """Where preconditioned gradients are computed (KAISA): ``"memory"`` by one rank per layer,
     which broadcasts them; ``"communication"`` by every rank, decompositions broadcast instead;
     ``"hybrid"`` by grad_worker_fraction of the ranks."""
@@ -164,16 +255,15 @@ class KFACConfig:
     """Hybrid placement: fraction of ranks computing each layer's preconditioned gradient (rounded
     down to a divisor of the world size)."""
 
-    comm_dtype: torch.dtype | str = torch.float32
+    comm_dtype: torch.dtype = torch.float32
     """dtype of factor statistics on the wire (float32, or bfloat16 for half the bytes)."""
 
-    transport: Transport = "torch"
+    transport: Transport = Transport.TORCH
     """Collectives over torch.distributed (gloo / NCCL) or over mpi4py (CPU buffers)."""
 
     def __post_init__(self) -> None:
         """Check every field; normalise dtypes and tuples."""
-        if self.curvature not in CURVATURES:
-            raise _fail("curvature", self.curvature, f"one of {', '.join(CURVATURES)}")
+        self.curvature = Curvature.parse("curvature", self.curvature)
         if not callable(self.damping):
             self.damping = _check_float("damping", self.damping, 0.0, math.inf, open_low=True)
         self.factor_decay = _check_float("factor_decay", self.factor_decay, 0.0, 1.0, open_low=False)
@@ -190,14 +280,16 @@ class KFACConfig:
             )
         if self.kl_clip is not None:
             self.kl_clip = _check_float("kl_clip", self.kl_clip, 0.0, math.inf, open_low=True)
-        if self.method not in METHODS:
-            raise _fail("method", self.method, f"one of {', '.join(METHODS)}")
+        self.method = Method.parse("method", self.method)
         self.factor_dtype = parse_dtype(
             "factor_dtype",
             self.factor_dtype,
             (torch.float32, torch.float64, torch.bfloat16, torch.float16),
         )
         self.inverse_dtype = parse_dtype("inverse_dtype", self.inverse_dtype, (torch.float32, torch.float64))
+        self.max_failed_decompositions = _check_int(
+            "max_failed_decompositions", self.max_failed_decompositions, 1
+        )
         self.layer_types = self._names("layer_types", self.layer_types)
         for t in self.layer_types:
             if t not in LAYER_TYPES:
@@ -209,28 +301,23 @@ class KFACConfig:
         ):
             raise _fail("output_module", self.output_module, "a module name or None")
         self.ief_floor = _check_float("ief_floor", self.ief_floor, 0.0, 1.0, open_low=True)
-        if self.loss_reduction not in ("mean", "sum"):
-            raise _fail("loss_reduction", self.loss_reduction, "one of mean, sum")
+        self.loss_reduction = LossReduction.parse("loss_reduction", self.loss_reduction)
         self.seed = _check_int("seed", self.seed, 0)
-        if self.refresh not in ("fixed", "adaptive"):
-            raise _fail("refresh", self.refresh, "one of fixed, adaptive")
+        self.refresh = Refresh.parse("refresh", self.refresh)
         self.refresh_low = _check_float("refresh_low", self.refresh_low, 0.0, math.inf, open_low=False)
         self.refresh_high = _check_float("refresh_high", self.refresh_high, 0.0, math.inf, open_low=True)
         if self.refresh_high <= self.refresh_low:
             raise _fail("refresh_high", self.refresh_high, f"a number above refresh_low={self.refresh_low}")
         self.refresh_cap = _check_int("refresh_cap", self.refresh_cap, 1)
-        if self.refresh == "adaptive" and self.refresh_cap < self.inverse_every:
+        if self.refresh is Refresh.ADAPTIVE and self.refresh_cap < self.inverse_every:
             raise _fail("refresh_cap", self.refresh_cap, f"an integer >= inverse_every={self.inverse_every}")
-        if self.assignment not in ("round_robin", "greedy"):
-            raise _fail("assignment", self.assignment, "one of round_robin, greedy")
-        if self.placement not in ("memory", "communication", "hybrid"):
-            raise _fail("placement", self.placement, "one of memory, communication, hybrid")
+        self.assignment = Assignment.parse("assignment", self.assignment)
+        self.placement = Placement.parse("placement", self.placement)
         self.grad_worker_fraction = _check_float(
             "grad_worker_fraction", self.grad_worker_fraction, 0.0, 1.0, open_low=True
         )
         self.comm_dtype = parse_dtype("comm_dtype", self.comm_dtype, (torch.float32, torch.bfloat16))
-        if self.transport not in ("torch", "mpi"):
-            raise _fail("transport", self.transport, "one of torch, mpi")
+        self.transport = Transport.parse("transport", self.transport)
 
     @staticmethod
     def _names(name: str, value: object) -> tuple[str, ...]:

@@ -14,7 +14,9 @@ ranks. Two forms, chosen by ``KFACConfig.method``:
 
 Decompositions run in ``dtype`` (float32 by default) and are retried in float64 when they raise or
 give non-finite values; :func:`decompose` says whether it retried, and returns None when float64
-failed too, so the caller can keep the last good decomposition and count the failure.
+failed too (or its result does not fit in ``dtype``), so the caller can keep the last good
+decomposition and count the failure. A caller that gives up after too many failures in a row raises
+:class:`DecompositionError`.
 """
 
 from __future__ import annotations
@@ -50,6 +52,46 @@ class Inverse:
 
 
 Decomposition = Eigen | Inverse
+
+
+class DecompositionError(RuntimeError):
+    """A factor failed to decompose too many times in a row: the preconditioner cannot go on.
+
+    ``str()`` is one line naming the layer, the factor and the remedies as ``KFACConfig`` fields;
+    :meth:`message` names them under another prefix (a job's ``preconditioner`` section, say).
+    """
+
+    def __init__(
+        self,
+        layer: str,
+        factor: str,
+        failures: int,
+        *,
+        limit: int,
+        damping: float,
+        inverse_dtype: torch.dtype,
+    ) -> None:
+        """``failures`` (>= ``limit``) consecutive failures of ``factor`` ("a" or "g") of ``layer``,
+        under this damping and dtype.
+        """
+        self.layer, self.factor, self.failures, self.limit = layer, factor, failures, limit
+        self.damping, self.inverse_dtype = damping, inverse_dtype
+        super().__init__(self.message("KFACConfig"))
+
+    def message(self, config: str) -> str:
+        """The one-line explanation, naming the remedies as fields of ``config`` (``config.damping``)."""
+        wide = self.inverse_dtype == torch.float64
+        remedy = f"raise {config}.damping (now {self.damping:g})" + (
+            ", or check the inputs for values too large to square in float64"
+            if wide
+            else f" or set {config}.inverse_dtype=float64"
+        )
+        dtype = "float64" if wide else f"{str(self.inverse_dtype).removeprefix('torch.')} and float64"
+        return (
+            f"K-FAC: factor {self.factor.upper()} of layer {self.layer!r} failed to decompose "
+            f"{self.failures} times in a row in {dtype} ({config}.max_failed_decompositions={self.limit}): "
+            f"it is too ill-conditioned or too large; {remedy}"
+        )
 
 
 def pi_split(trace_a: float, dim_a: int, trace_g: float, dim_g: int) -> float:
@@ -95,7 +137,8 @@ def decompose(x: Tensor, method: str, shift: float, dtype: torch.dtype) -> tuple
     """Decompose one factor; returns (result or None if it failed, whether float64 was retried).
 
     ``shift`` is only used by the inverse form. A failure in ``dtype`` is retried once in float64,
-    and the float64 result is cast back to ``dtype``.
+    and the float64 result is cast back to ``dtype``; a result that is not finite in ``dtype``
+    (float64 eigenvalues beyond float32's range, say) is a failure.
     """
     dtypes = [dtype] if dtype == torch.float64 else [dtype, torch.float64]
     for attempt, dt in enumerate(dtypes):
@@ -103,8 +146,9 @@ def decompose(x: Tensor, method: str, shift: float, dtype: torch.dtype) -> tuple
             result = _eigen(x, dt) if method == "eigen" else _inverse(x, shift, dt)
         except (RuntimeError, torch.linalg.LinAlgError):
             continue
+        result = _cast(result, dtype) if dt != dtype else result
         if all(bool(torch.isfinite(t).all()) for t in result.tensors()):
-            return (_cast(result, dtype) if dt != dtype else result), attempt > 0
+            return result, attempt > 0
     return None, len(dtypes) > 1
 
 

@@ -8,8 +8,8 @@ Usage (any ``torch.optim`` optimizer follows the preconditioned gradients)::
         logits = model(x)
         precond.mark_output(logits)        # or KFACConfig(output_module="head")
         loss_fn(logits, y).backward()
-        precond.step()                     # .grad of registered layers <- preconditioned
-        opt.step()
+        if precond.step():                 # .grad of registered layers <- preconditioned
+            opt.step()                     # False: the gradients were not finite, skip the step
 
 One step, in order (SP-NGD / KAISA style; every collective is a no-op on one rank):
 
@@ -22,15 +22,19 @@ One step, in order (SP-NGD / KAISA style; every collective is a no-op on one ran
 5. every rank scales all preconditioned gradients by the same KL-clip factor and writes them into
    ``.grad``.
 
+Before any of that, the averaged gradients are checked: when they hold NaN or inf (a GradScaler
+overflow among them), :meth:`step` does none of it and returns False. A factor that fails to
+decompose ``max_failed_decompositions`` times in a row makes :meth:`step` raise
+:class:`~ngd_dist.kfac.linalg.DecompositionError` on every rank.
+
 With a ``torch.amp.GradScaler``, call ``scaler.unscale_(opt)`` before :meth:`step`; a step whose
-gradients overflowed (the scaler will skip it) folds nothing into the factors.
+gradients overflowed (the scaler will skip it) returns False and folds nothing into the factors.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from collections import Counter, defaultdict
+from collections import Counter
 from collections.abc import Hashable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
@@ -47,10 +51,11 @@ from ngd_dist.kfac.distributed.buckets import Collectives, Layout, Slot
 from ngd_dist.kfac.distributed.comm import Communicator, default_communicator
 from ngd_dist.kfac.distributed.wire import decomposition_slots, decomposition_tensors, received_decomposition
 from ngd_dist.kfac.layer import FACTORS, Factor
-from ngd_dist.kfac.linalg import decompose, inverse_shifts, precondition
+from ngd_dist.kfac.linalg import DecompositionError, decompose, inverse_shifts, precondition
 from ngd_dist.kfac.refresh import AdaptiveInterval, AdaptiveSchedule, FixedSchedule, Schedule, relative_change
 from ngd_dist.kfac.select import register_layers
 from ngd_dist.kfac.state import check_factors_state, factors_state, load_factors_state
+from ngd_dist.kfac.timing import PhaseClock
 
 STATE_VERSION = 2
 Key = tuple[str, str]
@@ -74,7 +79,8 @@ class KFACStats:
     """Counters and last values of the preconditioner (what the metrics exporter reports)."""
 
     steps: int = 0
-    """Calls to :meth:`KFACPreconditioner.step`."""
+    """Steps taken: calls to :meth:`KFACPreconditioner.step` that returned True (the refresh
+    schedule counts these)."""
     factor_refreshes: int = 0
     """Steps whose statistics were folded into the running factors."""
     decompositions: int = 0
@@ -82,11 +88,13 @@ class KFACStats:
     decomposition_retries: int = 0
     """Decompositions that failed in the configured dtype and were retried in float64."""
     decomposition_failures: int = 0
-    """Decompositions that failed in float64 too (the previous one was kept)."""
+    """Decompositions that failed in float64 too (the previous one was kept); after
+    ``max_failed_decompositions`` in a row of one factor, step() raises DecompositionError."""
     nonfinite_rejected: int = 0
     """Factor statistics rejected because they held NaN or inf (counted on every rank)."""
     skipped_steps: int = 0
-    """Steps the GradScaler skipped (overflowed gradients): nothing was folded."""
+    """Calls to step() that found non-finite gradients (NaN or inf, a GradScaler overflow among
+    them) and returned False: nothing was folded, decomposed or preconditioned."""
     kl_scale: float = 1.0
     """The KL-clip scale applied at the last step (1 when it did not bind)."""
     damping: float = 0.0
@@ -108,6 +116,7 @@ class KFACPreconditioner:
         optimizer: ParamGroups | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
         communicator: Communicator | None = None,
+        clock: PhaseClock | None = None,
     ) -> None:
         """Register the model's supported layers, plan who does what, and hook the layers.
 
@@ -115,7 +124,10 @@ class KFACPreconditioner:
         ``grad_scaler`` is the ``torch.amp.GradScaler`` of mixed-precision training, if any;
         ``communicator`` defaults to torch.distributed's default group when it is initialised
         (``config.transport="mpi"``: MPI's world), else a single process. A model wrapped in
-        ``DistributedDataParallel`` has its gradients averaged by DDP, not again here.
+        ``DistributedDataParallel`` has its gradients averaged by DDP, not again here. ``clock``
+        times the phases of :meth:`step` and the statistics computed in the layers' hooks (give it
+        the clock that times your forward and backward passes, and those exclude the statistics);
+        by default the preconditioner's own.
         """
         self.config = config if config is not None else KFACConfig()
         if self.config.kl_clip is not None and optimizer is None:
@@ -148,16 +160,17 @@ class KFACPreconditioner:
         self._row = self.collectives.on(self.comm.split(rows))
         self.schedule: Schedule = self._make_schedule()
         wide = self.config.factor_dtype == torch.float64
-        self._comm_dtype: torch.dtype = torch.float64 if wide else self.config.comm_dtype  # type: ignore[assignment]
-        self._inverse_dtype: torch.dtype = self.config.inverse_dtype  # type: ignore[assignment]
+        self._comm_dtype: torch.dtype = torch.float64 if wide else self.config.comm_dtype
+        self._inverse_dtype: torch.dtype = self.config.inverse_dtype
         self.stats = KFACStats()
         self._grad_norm_sq: Tensor | float | None = None
-        self.timings: dict[str, float] = defaultdict(float)
-        """Seconds spent per phase, summed over steps (reset it at will)."""
+        self.clock = clock if clock is not None else PhaseClock()
         self._rebroadcast = False
         self.decomposed: Counter[Key] = Counter()
         """How many times this rank decomposed each factor."""
-        self.capture = StatisticsCapture(self.layers, self.config, grad_scaler)
+        self._failed: Counter[Key] = Counter()
+        """Consecutive failed decompositions of each factor this rank owns (0 after a success)."""
+        self.capture = StatisticsCapture(self.layers, self.config, grad_scaler, clock=self.clock)
         self.capture.install(model)
         self.capture.capturing = self._capturing_at(0)
 
@@ -192,34 +205,73 @@ class KFACPreconditioner:
         return {key: self.schedule.interval(key) for key in self._keys()}
 
     @property
+    def timings(self) -> dict[str, float]:
+        """Seconds spent per phase, summed over steps: the totals of :attr:`clock` (reset them at will).
+
+        The phases are ``gradient_communication``, ``factor_computation`` (the statistics computed
+        in hooks), ``factor_communication``, ``decomposition`` and ``preconditioning``; with a clock
+        shared with the caller, the caller's phases too.
+        """
+        return self.clock.totals
+
+    @property
     def comm_bytes(self) -> dict[str, int]:
         """Payload bytes this rank handed to collectives, by kind, since construction."""
         return dict(self.collectives.bytes)
 
-    def step(self) -> None:
-        """Refresh what is due; replace each registered layer's ``.grad`` by its natural gradient."""
+    def step(self) -> bool:
+        """Refresh what is due; replace each registered layer's ``.grad`` by its natural gradient.
+
+        Returns True when it did. Returns False, as ``GradScaler.step`` skips, when the model's
+        gradients (averaged over the ranks first: by DDP, or here) hold NaN or inf, a GradScaler
+        overflow among them: then the step's statistics are dropped, nothing is folded, decomposed
+        or preconditioned, ``.grad`` is left as it is, ``stats.skipped_steps`` counts it and the
+        refresh schedule does not advance. Skip the optimizer step then. The gradients being the
+        same on every rank, so is the answer: the check needs no collective of its own (one host
+        sync for the flag).
+
+        Raises :class:`~ngd_dist.kfac.linalg.DecompositionError` (one line naming the layer, the
+        factor and the remedies) when a factor has failed to decompose
+        ``config.max_failed_decompositions`` times in a row; every rank learns of it with the next
+        step's statistics and raises at that same step.
+        """
+        with self.clock("gradient_communication"):
+            self._average_gradients()
+        if not self._gradients_finite():
+            self.stats.skipped_steps += 1
+            self._grad_norm_sq = math.nan
+            self.discard_step()
+            return False
         step = self.stats.steps
         keys = self._keys()
         fold = [k for k in keys if self.schedule.fold_due(k, step)]
         due = [k for k in keys if self.schedule.decompose_due(k, step)]
-        self._timed("gradient_communication", self._average_gradients)
         if fold:
             self._check_marked()
-            if self._scaler_will_skip():
-                self.stats.skipped_steps += 1
-                fold = []
-            else:
-                self._timed("factor_communication", self._fold, fold, step)
-        for layer in self.layers:
-            layer.pending_a.clear()
-            layer.pending_g.clear()
+            with self.clock("factor_communication"):
+                self._fold(fold, step)
+        self._clear_pending()
         if due or self._rebroadcast:
-            self._timed("decomposition", self._decompose, due, keys if self._rebroadcast else due, step)
-        self._timed("preconditioning", self._precondition, step)
+            with self.clock("decomposition"):
+                self._decompose(due, keys if self._rebroadcast else due, step)
+        with self.clock("preconditioning"):
+            self._precondition(step)
         self.stats.steps += 1
         self.capture.reset()
         self.capture.capturing = self._capturing_at(self.stats.steps)
-        self.timings["factor_computation"] += self.capture.take_seconds()
+        return True
+
+    def discard_step(self) -> None:
+        """Drop the statistics gathered since the last :meth:`step`, without using them.
+
+        For a loop that skips a step for a reason :meth:`step` cannot see (a non-finite loss, or a
+        non-finite gradient on another rank that its own check already caught): call it instead
+        of :meth:`step`, on every rank. Factors, decompositions, ``.grad`` and the refresh schedule
+        are left as they are, and nothing is communicated.
+        """
+        self._clear_pending()
+        self.capture.reset()
+        self.capture.capturing = self._capturing_at(self.stats.steps)
 
     def remove(self) -> None:
         """Remove the hooks; the model is left as it was."""
@@ -285,6 +337,7 @@ class KFACPreconditioner:
             self.capture.generator = torch.Generator(self.device)
             self.capture.generator.set_state(state["mc_generator"])
         self._rebroadcast = True
+        self._failed.clear()
         self.capture.reset()
         self.capture.capturing = self._capturing_at(self.stats.steps)
 
@@ -316,15 +369,10 @@ class KFACPreconditioner:
     def _capturing_at(self, step: int) -> set[str]:
         return {name for name, f in self._keys() if self.schedule.fold_due((name, f), step)}
 
-    def _timed(self, phase: str, fn: Any, *args: Any) -> None:
-        start = time.perf_counter()
-        fn(*args)
-        self.timings[phase] += time.perf_counter() - start
-
     # -- one step ------------------------------------------------------------------------------
 
     def _check_marked(self) -> None:
-        if self.config.curvature in ("ief", "mc") and self.capture.unmarked():
+        if self.config.curvature.needs_logits and self.capture.unmarked():
             raise RuntimeError(
                 f"curvature={self.config.curvature!r} needs the model's logits: call "
                 "precond.mark_output(logits) after each forward pass (before backward), or set "
@@ -348,29 +396,39 @@ class KFACPreconditioner:
         for i, g in enumerate(grads):
             g.copy_(summed[i] / world)
 
-    def _scaler_will_skip(self) -> bool:
-        scaler = self.grad_scaler
-        if scaler is None or not scaler.is_enabled():
-            return False
+    def _gradients_finite(self) -> bool:
+        """Whether every gradient of the model is finite (what a GradScaler checks too)."""
         grads = self._grads()
-        return bool(grads) and not bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+
+    def _clear_pending(self) -> None:
+        for layer in self.layers:
+            layer.pending_a.clear()
+            layer.pending_g.clear()
 
     def _fold(self, keys: list[Key], step: int) -> None:
-        """Sum due statistics to their owners and fold them; every rank makes the same decisions."""
+        """Sum due statistics to their owners and fold them; every rank makes the same decisions.
+
+        The small all-reduce that comes first carries, per factor, its trace, its row count, a
+        NaN flag and its owner's count of consecutive failed decompositions (DecompositionError).
+        """
         rank, decay = self.comm.rank, self.config.factor_decay
         meta_in: dict[Hashable, Tensor] = {}
         for key in keys:
             pending = self._factor(key).pending
+            failed = float(self._failed[key])
             if pending.total is None:
-                meta_in[key] = torch.zeros(3, dtype=torch.float64, device=self.device)
+                meta_in[key] = torch.tensor([0.0, 0.0, 0.0, failed], dtype=torch.float64, device=self.device)
                 continue
             total = pending.total
             diag = total if total.dim() == 1 else total.diagonal()
             flag = (~torch.isfinite(total).all()).double()
-            meta_in[key] = torch.stack([diag.sum().double(), total.new_tensor(pending.count).double(), flag])
-        layout = Layout([Slot(key, (3,)) for key in keys])
+            count, failures = (total.new_tensor(v, dtype=torch.float64) for v in (pending.count, failed))
+            meta_in[key] = torch.stack([diag.sum().double(), count, flag, failures])
+        layout = Layout([Slot(key, (4,)) for key in keys])
         meta = self.collectives.all_reduce(layout, meta_in, "meta", torch.float64, self.device)
         values = {key: meta[key].tolist() for key in keys}
+        self._raise_on_failing_decompositions(values)
         reduced: dict[Hashable, Tensor] = {}
         for owner in range(self.comm.world_size):
             mine = [k for k in keys if self.plan.owner(*k) == owner and values[k][1] > 0]
@@ -391,7 +449,7 @@ class KFACPreconditioner:
                 reduced.update(result)
         accepted: list[Key] = []
         for key in keys:
-            trace_sum, count, nonfinite = values[key]
+            trace_sum, count, nonfinite, _ = values[key]
             if count == 0:
                 continue
             if nonfinite > 0 or not math.isfinite(trace_sum):
@@ -401,9 +459,23 @@ class KFACPreconditioner:
             factor = self._factor(key)
             factor.fold_trace(trace_sum / count, decay)
             if self.plan.owner(*key) == rank:
-                factor.fold(reduced[key].to(accumulation_dtype(self.config.factor_dtype)) / count, decay)  # type: ignore[arg-type]
+                factor.fold(reduced[key].to(accumulation_dtype(self.config.factor_dtype)) / count, decay)
         if accepted:
             self.stats.factor_refreshes += 1
+
+    def _raise_on_failing_decompositions(self, values: dict[Key, list[float]]) -> None:
+        """Raise DecompositionError for the first factor whose owner reported too many failures in a row."""
+        limit = self.config.max_failed_decompositions
+        for (layer, factor), meta in values.items():
+            if meta[3] >= limit:
+                raise DecompositionError(
+                    layer,
+                    factor,
+                    int(meta[3]),
+                    limit=limit,
+                    damping=self.config.damping_at(self.stats.steps),
+                    inverse_dtype=self._inverse_dtype,
+                )
 
     def _factor(self, key: Hashable) -> Factor:
         assert isinstance(key, tuple)
@@ -461,6 +533,7 @@ class KFACPreconditioner:
             self.decomposed[key] += 1
             self.stats.decomposition_retries += int(retried)
             self.stats.decomposition_failures += int(result is None)
+            self._failed[key] = self._failed[key] + 1 if result is None else 0
             if result is not None:
                 factor.decomposition = result
                 factor.decomposed_from, factor.decomposed_shift = factor.running, shift

@@ -21,6 +21,11 @@ they are already in DeepSpeed's buffers and partitions). So one step runs in thr
    its averaging turns identical values into themselves, and ``engine.step()`` applies them to the
    float32 masters and copies the result to the bf16 weights, all unchanged.
 
+Between parts 1 and 2 the worker checks the step as it does without DeepSpeed (a non-finite loss on
+any rank, or non-finite gradients: every rank skips it, :meth:`DeepSpeedEngine.discard` clears the
+gradients and DeepSpeed sees nothing of that step); the preconditioner's ``step()`` returning False
+(gradients that overflow when averaged) skips it too.
+
 DeepSpeed therefore sees one backward per optimizer step: its ``gradient_accumulation_steps`` is
 1 (it would otherwise divide the surrogate by the accumulation count and step only every that many
 calls) and its micro-batch is ``batch.per_rank x batch.accumulation``. The cost over plain K-FAC is
@@ -62,7 +67,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from ngd_dist.kfac.preconditioner import KFACPreconditioner
 from ngd_dist.kfac.timing import PhaseClock
 from ngd_dist.service.jobs import Job, JobError
 
@@ -196,19 +200,20 @@ class DeepSpeedEngine:
 
     # -- one step ------------------------------------------------------------------------------
 
-    def train_step(
+    def backward(
         self,
         x: Tensor,
         y: Tensor,
         loss_fn: Callable[[Tensor, Tensor], Tensor],
-        precond: KFACPreconditioner | None,
         *,
         clock: PhaseClock | None = None,
     ) -> float:
-        """One optimizer step over ``batch.accumulation`` micro-batches of ``(x, y)``; the mean loss.
+        """Part 1: this rank's gradient of ``batch.accumulation`` micro-batches of ``(x, y)`` into
+        each parameter's ``.grad`` (not yet averaged over the ranks); returns the mean loss.
 
-        ``clock`` gets the forward, backward, hand-over (``gradient_communication``: DeepSpeed's
-        averaging of the surrogate backward) and optimizer times.
+        Then either the preconditioner's ``step()`` and :meth:`hand_over`, or :meth:`discard` to
+        skip the step. ``clock`` gets the forward and backward times (when it is the
+        preconditioner's clock too, the statistics its hooks compute count only as theirs).
         """
         clock = clock if clock is not None else PhaseClock()
         job = self.job
@@ -230,11 +235,18 @@ class DeepSpeedEngine:
             total += float(loss.detach())
         for p, s in zip(self.params, sums, strict=True):
             p.grad = None if s is None else s.div_(chunks).to(p.dtype)
-        if precond is not None:
-            precond.step()
+        return total / chunks
+
+    def hand_over(self, *, clock: PhaseClock | None = None) -> None:
+        """Part 3: hand ``.grad`` (preconditioned, or as :meth:`backward` left it) to DeepSpeed, which
+        averages and applies it; ``.grad`` is cleared.
+
+        ``clock`` gets DeepSpeed's averaging of the surrogate backward (``gradient_communication``)
+        and its optimizer step.
+        """
+        clock = clock if clock is not None else PhaseClock()
         updates = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
-        for p in self.params:
-            p.grad = None
+        self.discard()
         surrogate = torch.stack(
             [((p - p.detach()) * u.detach()).sum().float() for p, u in zip(self.params, updates, strict=True)]
         ).sum()
@@ -242,7 +254,11 @@ class DeepSpeedEngine:
             self.engine.backward(surrogate)
         with clock("optimizer"):
             self.engine.step()
-        return total / chunks
+
+    def discard(self) -> None:
+        """Forget :meth:`backward`'s gradients: the step is skipped, DeepSpeed sees nothing of it."""
+        for p in self.params:
+            p.grad = None
 
     # -- checkpoints ---------------------------------------------------------------------------
 

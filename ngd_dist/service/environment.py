@@ -91,6 +91,12 @@ def teardown() -> None:
 
     Without the barrier a rank can tear its gloo connections down while a peer still uses them,
     and that peer aborts at exit ("terminate called without an active exception").
+
+    For the end of a run that every rank reached, only: on an error path the other ranks may be
+    waiting in a different collective, and the barrier would hang until the collective timeout.
+    There the process exits at once instead (``ngd-dist train``: ``ngd_dist.cli._worker_failed``),
+    which closes its connections: the peers' collectives fail within a second, and the launcher
+    stops them.
     """
     if not dist.is_initialized():
         return

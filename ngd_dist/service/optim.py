@@ -1,4 +1,5 @@
-"""Optimizers of the training service: SGD, AdamW, and the large-batch LARS and LAMB.
+"""Optimizers of the training service (SGD, AdamW, the large-batch LARS and LAMB) and the learning
+rate a job's schedule gives at each step (:func:`lr_at`).
 
 LARS (You et al., 2017) scales each weight matrix's step by ``trust * ||w|| / (||g|| + wd ||w||)``
 before momentum; LAMB (You et al., 2019) scales each AdamW update by ``||w|| / ||update||``. Both
@@ -9,8 +10,9 @@ act on the preconditioned gradients.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -125,3 +127,49 @@ def build_optimizer(spec: Any, model: nn.Module) -> torch.optim.Optimizer:
     if spec.name == "lamb":
         return LAMB(params, lr=spec.lr, betas=tuple(spec.betas), eps=spec.eps, weight_decay=spec.weight_decay)
     raise ValueError(f"optimizer.name: got {spec.name!r}; expected one of sgd, adamw, lars, lamb")
+
+
+class LRSchedule(Protocol):
+    """What :func:`lr_at` reads of a learning-rate schedule (a job's ``schedule`` section)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def warmup_steps(self) -> int: ...
+
+    @property
+    def min_lr(self) -> float: ...
+
+    @property
+    def decay_steps(self) -> int | None: ...
+
+    @property
+    def gamma(self) -> float: ...
+
+
+def lr_at(schedule: LRSchedule, step: int, *, base_lr: float, total_steps: int) -> float:
+    """Learning rate of the 0-based optimizer ``step`` of a ``total_steps`` run peaking at ``base_lr``.
+
+    A linear warm-up from ``base_lr / warmup_steps`` to ``base_lr``, then ``"constant"``;
+    ``"cosine"`` or ``"linear"`` decay to ``min_lr`` at ``total_steps``; or ``"step"``: times
+    ``gamma`` every ``decay_steps``, floored at ``min_lr``.
+    """
+    if step < schedule.warmup_steps:
+        return base_lr * (step + 1) / schedule.warmup_steps
+    after = step - schedule.warmup_steps
+    if schedule.name == "constant":
+        return base_lr
+    if schedule.name == "step":
+        if schedule.decay_steps is None:
+            raise ValueError(
+                "schedule.decay_steps: got None; expected an integer >= 1 (the step schedule needs it)"
+            )
+        return max(schedule.min_lr, base_lr * schedule.gamma ** (after // schedule.decay_steps))
+    span = max(1, total_steps - schedule.warmup_steps)
+    t = min(1.0, after / span)
+    if schedule.name == "cosine":
+        return schedule.min_lr + (base_lr - schedule.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
+    if schedule.name == "linear":
+        return base_lr + (schedule.min_lr - base_lr) * t
+    raise ValueError(f"schedule.name: got {schedule.name!r}; expected one of constant, cosine, linear, step")

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ngd_dist.kfac.config import KFACConfig
+from ngd_dist.kfac.config import Curvature, KFACConfig
 from ngd_dist.kfac.preconditioner import KFACPreconditioner
 from ngd_dist.service.data import load_digits
 from ngd_dist.service.models import mlp
@@ -45,7 +45,13 @@ def run_quickstart(
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     precond = KFACPreconditioner(
         model,
-        KFACConfig(curvature=curvature, output_module="5", damping=1e-3, factor_every=1, inverse_every=5),  # type: ignore[arg-type]
+        KFACConfig(
+            curvature=Curvature.parse("curvature", curvature),
+            output_module="5",
+            damping=1e-3,
+            factor_every=1,
+            inverse_every=5,
+        ),
         optimizer=optimizer,
     )
     sampler = torch.Generator().manual_seed(seed + 1)

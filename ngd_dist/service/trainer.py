@@ -1,52 +1,65 @@
 """The training worker behind ``ngd-dist train``: one rank of a YAML-described job.
 
-It builds the model (identically on every rank), the rank's shard of the data, the optimizer with
-its LR schedule and the K-FAC preconditioner, resumes from the newest checkpoint valid on every
-rank (``checkpoint.resume: auto``), and trains: forward/backward under the job's precision,
-preconditioning, optimizer step, a progress bar on rank 0 and rank-prefixed logs elsewhere,
-checkpoints every ``checkpoint.every`` steps and when SIGTERM/SIGINT asks to stop. A resumed run
-follows the same loss curve as an uninterrupted one: model, optimizer, preconditioner, schedule,
+:func:`~ngd_dist.service.build.build` makes the rank's parts (model, data shard, optimizer with
+its LR schedule, K-FAC preconditioner, ...); the :class:`Worker` resumes from the newest checkpoint
+valid on every rank (``checkpoint.resume: auto``) and trains: forward/backward under the job's
+precision, preconditioning, optimizer step, a progress bar on rank 0 and rank-prefixed logs
+elsewhere, per-step metrics (:class:`~ngd_dist.service.metrics.report.StepReport`), checkpoints
+every ``checkpoint.every`` steps, at the last step and when SIGTERM/SIGINT asks to stop. A resumed
+run follows the same loss curve as an uninterrupted one: model, optimizer, preconditioner, schedule,
 data position and RNG states are all restored.
+
+A step whose loss (on any rank) or gradients hold NaN or inf is skipped on every rank: no optimizer,
+preconditioner or schedule step, and it does not count towards ``train.steps`` (the run takes
+another batch). The flags travel in the one small all-reduce every step already makes (with the
+stop request and the sample counts). ``train.max_bad_steps`` skipped steps in a row end the job
+(:class:`TrainingDiverged`), and so does a state with a non-finite value at a save: no checkpoint
+ever holds one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import logging
 import math
 import sys
 import time
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
-from ngd_dist.kfac.preconditioner import KFACPreconditioner
-from ngd_dist.kfac.quality import QualityProbe
-from ngd_dist.kfac.timing import PhaseClock
-from ngd_dist.service.catalog import build_dataset, build_model, output_module_of, task_of
+from ngd_dist.service.build import build
 from ngd_dist.service.checkpoint import (
+    CheckpointError,
     CheckpointStore,
     PreemptionHandler,
     capture_rng_state,
     restore_rng_state,
 )
-from ngd_dist.service.data.datasets import ShardedLoader
 from ngd_dist.service.environment import Environment, setup, teardown
 from ngd_dist.service.jobs import Job, JobError, job_to_dict
-from ngd_dist.service.metrics import MetricsExporter, MetricsPortError
-from ngd_dist.service.optim import build_optimizer
-
-if TYPE_CHECKING:
-    from ngd_dist.service.deepspeed_engine import DeepSpeedEngine
+from ngd_dist.service.jobs.errors import clip
+from ngd_dist.service.metrics.exporter import NONFINITE_GRADIENT, NONFINITE_LOSS
+from ngd_dist.service.metrics.report import StepReport, open_exporter
+from ngd_dist.service.resume import check_files, job_changes, refusal, resume_error, resume_source
 
 log = logging.getLogger("ngd_dist.service")
+
+
+class TrainingDiverged(RuntimeError):
+    """The run cannot go on: ``train.max_bad_steps`` steps in a row were skipped, or the state to
+    checkpoint holds NaN or inf. One line; ``ngd-dist train`` exits with ``ExitCode.DIVERGED``.
+    """
 
 
 @dataclass(kw_only=True)
@@ -55,138 +68,143 @@ class TrainResult:
 
     steps: int
     """Optimizer steps taken in total (including those before a resume)."""
+    applied: int = 0
+    """Optimizer steps taken in this run (0: none, whether nothing was left to do or all were skipped)."""
     first_loss: float
+    """Mean over the ranks of the loss of this run's first applied step (NaN when none was applied)."""
     last_loss: float
+    """The same for the last applied step."""
     seconds: float
     samples_per_second: float
+    """Samples of every step this run processed, skipped ones included, per second."""
     resumed_from: int | None
     preempted: bool
+    skipped: dict[str, int] = field(default_factory=dict)
+    """Steps skipped in this run, by reason (``nonfinite_loss``, ``nonfinite_gradient``)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class StepOutcome:
+    """What one call of :meth:`Worker.train_step` did: the same on every rank, but ``loss``."""
+
+    loss: float
+    """This rank's loss, averaged over its micro-batches."""
+    skipped: str | None
+    """Why every rank skipped the step (``nonfinite_loss`` or ``nonfinite_gradient``); None when applied."""
+    why: str
+    """What was not finite, and on how many ranks ("" when applied)."""
+    stop: bool
+    """Whether any rank was asked to stop (SIGTERM/SIGINT)."""
+    samples: int
+    """Samples of the step over all ranks."""
+    tokens: int
+    """Tokens of the step over all ranks (0 unless a language model)."""
+
+
+def nonfinite_entry(state: object, path: str = "") -> str | None:
+    """The path (``optimizer.state.0.exp_avg_sq``) of the first float tensor or float of ``state``
+    (nested mappings, lists and tuples) that holds NaN or inf; None when every one is finite.
+    """
+    if isinstance(state, torch.Tensor):
+        finite = not (state.is_floating_point() or state.is_complex()) or bool(torch.isfinite(state).all())
+        return None if finite else path
+    if isinstance(state, float):
+        return None if math.isfinite(state) else path
+    if isinstance(state, Mapping):
+        items: Any = state.items()
+    elif isinstance(state, (list, tuple)):
+        items = enumerate(state)
+    else:
+        return None
+    for key, item in items:
+        found = nonfinite_entry(item, f"{path}.{key}" if path else str(key))
+        if found is not None:
+            return found
+    return None
+
+
+def summary_line(result: TrainResult, *, total: int, ranks: int) -> str:
+    """Rank 0's last line of a run that ended without error; ``total`` is ``train.steps``.
+
+    True whatever happened: "nothing to do" only when the run had no step left to take, and a run
+    that applied no step (all skipped, then preempted) says so instead of showing a loss.
+    """
+    skipped = sum(result.skipped.values())
+    if result.applied == 0 and skipped == 0 and not result.preempted:
+        return f"done: nothing to do, checkpoint at step {result.steps} of {total}"
+    reasons = ", ".join(f"{reason}={n}" for reason, n in result.skipped.items())
+    if result.applied == 0:
+        head = f"done: steps={result.steps} of {total}, no step applied in this run"
+    else:
+        head = f"done: steps={result.steps} loss {result.first_loss:.4f} -> {result.last_loss:.4f}"
+    return (
+        f"{head} wall={result.seconds:.1f}s samples/s={result.samples_per_second:.0f} ranks={ranks} "
+        f"skipped={skipped}"
+        + (f" ({reasons})" if reasons else "")
+        + (f" resumed_from={result.resumed_from}" if result.resumed_from is not None else "")
+        + (" preempted" if result.preempted else "")
+    )
 
 
 class Worker:
-    """Everything one rank needs to train a job."""
+    """One rank of a job: its parts, the training loop, and its checkpoints."""
 
     def __init__(
         self, job: Job, env: Environment, *, job_dir: Path | None = None, deepspeed: bool = False
     ) -> None:
-        """Build model, data, optimizer, schedule and preconditioner for ``job`` on ``env``.
+        """Build the parts of ``job`` on ``env`` (:func:`~ngd_dist.service.build.build`).
 
         ``deepspeed``: step through a DeepSpeed engine (:mod:`ngd_dist.service.deepspeed_engine`)
         instead of DDP and the optimizer alone.
         """
         self.job, self.env = job, env
-        paths = (str(job_dir),) if job_dir is not None else ()
-        self.global_batch = job.batch.check_world(env.world_size)
-        model = build_model(job.model.name, job.model.args, seed=job.seed, import_paths=paths)
-        self.task = task_of(job.model.name, model)
-        self.base_model = model.to(env.device)
-        self.model: nn.Module = self.base_model
-        if env.distributed and not deepspeed:
-            device_ids = [env.local_rank] if env.device.type == "cuda" else None
-            self.model = DistributedDataParallel(self.base_model, device_ids=device_ids)
-        x, y = build_dataset(job.data.name, job.data.args, seed=job.seed, import_paths=paths)
-        per_rank = job.batch.per_rank * job.batch.accumulation
-        self.loader = ShardedLoader(
-            x,
-            y,
-            rank=env.rank,
-            world_size=env.world_size,
-            batch_size=per_rank,
-            seed=job.seed,
-            device=env.device,
+        self.parts = build(job, env, job_dir=job_dir, deepspeed=deepspeed)
+        parts = self.parts
+        self.report = StepReport(
+            clock=parts.clock,
+            model=parts.model,
+            precond=parts.precond,
+            quality=parts.quality,
+            quality_every=job.metrics.quality_every,
         )
-        self.clock = PhaseClock()
-        """Wall time of the step's forward, backward and optimizer phases (``ngd_phase_seconds``)."""
-        self.quality: QualityProbe | None = None
-        """The update-quality probe of ``metrics.quality_every`` (None when off)."""
-        self.last_gamma: float | None = None
-        if job.metrics.enabled and job.metrics.port and job.metrics.quality_every > 0:
-            self.quality = QualityProbe.draw(
-                self.base_model,
-                x,
-                y,
-                size=job.metrics.quality_probe,
-                seed=job.seed * 7919 + env.rank,
-                loss=self.task,
-                device=env.device,
-            )
-        self.optimizer = build_optimizer(job.optimizer, self.model)
-        base_lr = job.optimizer.lr
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: job.lr_at(step) / base_lr
-        )
-        self.scaler = torch.amp.GradScaler(env.device.type, enabled=job.precision.use_grad_scaler)
-        self.engine: DeepSpeedEngine | None = None
-        if deepspeed:
-            from ngd_dist.service.deepspeed_engine import DeepSpeedEngine
-
-            self.engine = DeepSpeedEngine(job, self.base_model, self.optimizer)
-        self.precond: KFACPreconditioner | None = None
-        config = job.kfac_config()
-        if config is not None:
-            if config.output_module is None:
-                head = output_module_of(job.model.name, self.base_model)
-                if head is not None:
-                    config.output_module = f"module.{head}" if self.model is not self.base_model else head
-            elif self.model is not self.base_model:
-                config.output_module = f"module.{config.output_module}"
-            if config.output_module is None and config.curvature in ("ief", "mc"):
-                linears = [n for n, m in self.base_model.named_modules() if isinstance(m, nn.Linear)]
-                hint = f" (its last Linear is {linears[-1]!r})" if linears else ""
-                raise JobError.invalid(
-                    "preconditioner.output_module",
-                    None,
-                    f"the name of the module producing the logits of {job.model.name!r}{hint}: "
-                    f"curvature {config.curvature!r} needs them",
-                )
-            self.precond = KFACPreconditioner(
-                self.model,
-                config,
-                optimizer=self.optimizer if self.engine is None else self.engine.learning_rates,
-                grad_scaler=self.scaler,
-            )
-        self.store = (
-            CheckpointStore(
-                job.checkpoint.dir, keep=job.checkpoint.keep, rank=env.rank, world_size=env.world_size
-            )
-            if job.checkpoint.dir
-            else None
-        )
+        """What each step reports to the metrics exporter."""
         self.step = 0
 
     # -- checkpoints ---------------------------------------------------------------------------
 
     def state(self) -> dict[str, Any]:
         """Everything a resumed run needs to continue exactly."""
+        p = self.parts
         return {
             "step": self.step,
-            "model": self.base_model.state_dict(),
-            "optimizer": self.optimizer.state_dict() if self.engine is None else self.engine.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "preconditioner": self.precond.state_dict() if self.precond is not None else {},
-            "loader": self.loader.state_dict(),
+            "model": p.base_model.state_dict(),
+            "optimizer": p.optimizer.state_dict() if p.engine is None else p.engine.state_dict(),
+            "scheduler": p.scheduler.state_dict(),
+            "scaler": p.scaler.state_dict(),
+            "preconditioner": p.precond.state_dict() if p.precond is not None else {},
+            "loader": p.loader.state_dict(),
             "rng": capture_rng_state(),
             "job": job_to_dict(self.job),
         }
 
     def load(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state`'s output."""
-        self.base_model.load_state_dict(state["model"])
-        if self.engine is not None:
-            self.engine.load_state_dict(state["optimizer"])
+        p = self.parts
+        p.base_model.load_state_dict(state["model"])
+        if p.engine is not None:
+            p.engine.load_state_dict(state["optimizer"])
         elif "masters" in state["optimizer"]:
             raise JobError(
                 "checkpoint.resume: the checkpoint was written under --launcher deepspeed; "
                 "resume it with that launcher, or set checkpoint.resume=never"
             )
         else:
-            self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        if self.precond is not None and state["preconditioner"]:
-            self.precond.load_state_dict(state["preconditioner"])
-        self.loader.load_state_dict(state["loader"])
+            p.optimizer.load_state_dict(state["optimizer"])
+        p.scheduler.load_state_dict(state["scheduler"])
+        p.scaler.load_state_dict(state["scaler"])
+        if p.precond is not None and state["preconditioner"]:
+            p.precond.load_state_dict(state["preconditioner"])
+        p.loader.load_state_dict(state["loader"])
         restore_rng_state(state["rng"])
         self.step = int(state["step"])
 
@@ -202,216 +220,252 @@ class Worker:
         return int(self._reduce(value, dist.ReduceOp.MIN, torch.int64))
 
     def resume(self) -> int | None:
-        """Load the checkpoint ``checkpoint.resume`` asks for; return its step, or None."""
-        resume = self.job.checkpoint.resume
-        if self.store is None or resume == "never":
+        """Load the checkpoint ``checkpoint.resume`` names (:mod:`ngd_dist.service.resume`); return
+        its step, or None when the run starts afresh.
+
+        Every rank loads its own rank's file of one step: the newest that loads on every rank for
+        ``auto`` and a directory (a collective), else the step named. The file names are checked
+        first (:func:`~ngd_dist.service.resume.check_files`: missing, another world size), then the
+        job the checkpoint recorded is compared with this one
+        (:func:`~ngd_dist.service.resume.job_changes`), and only then is the state restored. Each
+        problem is a JobError naming ``checkpoint.resume`` (one line, exit 2), raised at once on the
+        rank that finds it; when only one rank's file is bad the others stop as their next
+        collective finds that rank gone.
+        """
+        source = resume_source(self.job.checkpoint)
+        if source is None:
             return None
-        if resume == "auto":
-            found = self.store.latest_agreed(self._all_reduce_min)
-            if found is None:
-                return None
-            step, state = found
+        env = self.env
+        check_files(source, env.world_size)
+        if not source.directory.is_dir():  # auto before checkpoint.dir exists: nothing to resume
+            return None
+        store = self.parts.store
+        if store is None or store.directory != source.directory:  # only read from: nothing is written
+            store = CheckpointStore(source.directory, rank=env.rank, world_size=env.world_size)
+        try:
+            if source.step is None:
+                found = store.latest_agreed(self._all_reduce_min)
+                if found is None and source.explicit:
+                    raise resume_error(
+                        f"no step in {source.directory} loads on every rank of {env.world_size} (the "
+                        "warnings above say why)"
+                    )
+                if found is None:
+                    return None
+                step, state = found
+            else:
+                step, state = source.step, store.load(store.path_for(source.step))
+        except CheckpointError as exc:
+            raise resume_error(str(exc)) from exc
+        recorded = state.get("job")
+        if isinstance(recorded, Mapping):
+            changes = job_changes(recorded, self.job)
+            if changes:
+                raise refusal(step, source.directory, changes)
         else:
-            state = self.store.load(resume)
-            step = int(state["step"])
-        self.load(state)
+            log.warning("checkpoint: step %d records no job, so it is not compared with this one", step)
+        try:
+            self.load(state)
+        except (RuntimeError, ValueError, KeyError, TypeError) as exc:  # what the job check cannot see
+            if isinstance(exc, JobError):
+                raise
+            why = clip(" ".join(str(exc).split()) or type(exc).__name__, 300)
+            where = f"the checkpoint at step {step} in {source.directory}"
+            raise resume_error(f"{where} does not fit this job: {why}") from exc
         return step
 
     def save(self) -> None:
-        """Write this rank's checkpoint of the current step, then prune once every rank has."""
-        if self.store is None:
+        """Write this rank's checkpoint of the current step, then prune once every rank has.
+
+        First every rank checks its state for NaN or inf (:func:`nonfinite_entry`); when any rank's
+        state holds one, no rank writes anything and each raises :class:`TrainingDiverged`, naming
+        its own entry: a checkpoint never holds a non-finite value, and the previous one stays the
+        newest.
+        """
+        store = self.parts.store
+        if store is None:
             return
-        self.store.save(self.step, self.state(), prune=False)
+        state = self.state()
+        bad = nonfinite_entry(state)
+        if self._all_reduce_min(int(bad is None)) == 0:
+            what = f"{bad} holds NaN or inf" if bad is not None else "another rank's state holds NaN or inf"
+            raise TrainingDiverged(
+                f"checkpoint: step {self.step} not saved: {what} (a non-finite value); the run has "
+                "diverged: gradients too large for float32, a learning rate too high or non-finite "
+                "inputs; the previous checkpoint is kept"
+            )
+        store.save(self.step, state, prune=False)
         self._all_reduce_min(1)  # every rank's file is complete before any prunes
-        self.store.prune()
+        store.prune()
 
     # -- training ------------------------------------------------------------------------------
 
     def _loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
 
-    def train_step(self, x: Tensor, y: Tensor) -> float:
-        """One optimizer step over ``batch.accumulation`` micro-batches; returns the mean loss."""
-        job = self.job
-        if self.engine is not None:
-            mean = self.engine.train_step(x, y, self._loss, self.precond, clock=self.clock)
-            self.scheduler.step()
-            self.step += 1
-            return mean
+    def train_step(self, x: Tensor, y: Tensor, *, stop: bool = False) -> StepOutcome:
+        """One optimizer step over ``batch.accumulation`` micro-batches, unless it is skipped.
+
+        It is skipped on every rank when any rank's loss, or the gradients, hold NaN or inf (or the
+        preconditioner finds them so after averaging): then no rank steps its optimizer,
+        preconditioner or LR schedule, and ``self.step`` stays. ``stop`` (this rank was asked to
+        stop) travels with the step's flags in its one all-reduce (:meth:`_agree`).
+        """
+        p = self.parts
+        if p.engine is not None:
+            loss = p.engine.backward(x, y, self._loss, clock=p.clock)
+        else:
+            loss = self._backward(x, y)
+        outcome = self._agree(loss, stop=stop, samples=x.shape[0], tokens=self._tokens(y))
+        if outcome.skipped is None and p.precond is not None and not p.precond.step():
+            outcome = dataclasses.replace(
+                outcome, skipped=NONFINITE_GRADIENT, why="non-finite gradients once averaged over the ranks"
+            )
+        elif outcome.skipped is not None and p.precond is not None:
+            p.precond.discard_step()
+        if outcome.skipped is not None:
+            if p.engine is not None:
+                p.engine.discard()
+            p.scaler.update()  # after unscale_: an overflow lowers the loss scale (no-op when disabled)
+            return outcome
+        if p.engine is not None:
+            p.engine.hand_over(clock=p.clock)
+        else:
+            with p.clock("optimizer"):
+                p.scaler.step(p.optimizer)
+                p.scaler.update()
+        p.scheduler.step()
+        self.step += 1
+        return outcome
+
+    def _backward(self, x: Tensor, y: Tensor) -> float:
+        """Forward and backward of every micro-batch (DDP averages the gradients over the ranks);
+        the gradients unscaled in ``.grad``; returns this rank's mean loss.
+        """
+        job, p = self.job, self.parts
         chunks = job.batch.accumulation
-        self.optimizer.zero_grad(set_to_none=True)
+        p.optimizer.zero_grad(set_to_none=True)
         total = 0.0
         for i, (xm, ym) in enumerate(zip(x.chunk(chunks), y.chunk(chunks), strict=True)):
-            sync = i == chunks - 1 or not isinstance(self.model, DistributedDataParallel)
-            context = self.model.no_sync() if not sync else contextlib.nullcontext()  # type: ignore[operator]
+            sync = i == chunks - 1 or not isinstance(p.model, DistributedDataParallel)
+            context = p.model.no_sync() if not sync else contextlib.nullcontext()  # type: ignore[operator]
             with context:
-                with self.clock("forward"), torch.autocast(
+                with p.clock("forward"), torch.autocast(
                     self.env.device.type, dtype=job.precision.torch_dtype, enabled=job.precision.autocast
                 ):
-                    loss = self._loss(self.model(xm), ym)
-                with self.clock("backward"):
-                    self.scaler.scale(loss).backward()
+                    loss = self._loss(p.model(xm), ym)
+                with p.clock("backward"):
+                    p.scaler.scale(loss).backward()
             total += float(loss.detach())
         if chunks > 1:  # each micro-batch's loss is a mean over its own rows: average them
-            for p in self.model.parameters():
-                if p.grad is not None:
-                    p.grad.div_(chunks)
-        self.scaler.unscale_(self.optimizer)
-        if self.precond is not None:
-            self.precond.step()
-        with self.clock("optimizer"):
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        self.scheduler.step()
-        self.step += 1
+            for param in p.model.parameters():
+                if param.grad is not None:
+                    param.grad.div_(chunks)
+        p.scaler.unscale_(p.optimizer)
         return total / chunks
+
+    def _agree(self, loss: float, *, stop: bool, samples: int, tokens: int) -> StepOutcome:
+        """What every rank decides about the step: whether any rank's loss or gradients are not
+        finite, whether any asks to stop, and the samples and tokens summed over the ranks.
+
+        One all-reduce per step carries it all (a SUM: each flag adds up to the number of ranks that
+        raised it); the gradient flag is computed on the device and read with the result, so the
+        check adds no host sync of its own. With DDP (or the preconditioner's averaging) every rank
+        holds the same gradients, so a NaN on one rank is in everyone's flag.
+        """
+        grads = [q.grad for q in self.parts.base_model.parameters() if q.grad is not None]
+        device = self.env.device
+        counts = torch.tensor([int(stop), samples, tokens, int(not math.isfinite(loss))], device=device)
+        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+        flags = torch.cat([counts, (~finite).to(device=device, dtype=counts.dtype).reshape(1)])
+        if self.env.distributed:
+            dist.all_reduce(flags, op=dist.ReduceOp.SUM)
+        stops, total_samples, total_tokens, bad_loss, bad_grad = (int(v) for v in flags.tolist())
+        ranks = self.env.world_size
+        skipped, why = None, ""
+        if bad_loss:
+            skipped, why = NONFINITE_LOSS, f"non-finite loss on {bad_loss} of {ranks} rank(s)"
+        elif bad_grad:
+            skipped, why = NONFINITE_GRADIENT, f"non-finite gradients on {bad_grad} of {ranks} rank(s)"
+        return StepOutcome(
+            loss=loss, skipped=skipped, why=why, stop=stops > 0, samples=total_samples, tokens=total_tokens
+        )
 
     def _mean_over_ranks(self, value: float) -> float:
         return self._reduce(value, dist.ReduceOp.SUM) / self.env.world_size
 
-    def _stop_requested(self, local: bool, samples: int = 0, tokens: int = 0) -> tuple[bool, int, int]:
-        """Whether any rank asks to stop, and this step's samples and tokens summed over ranks.
-
-        One all-reduce per step carries all three (a SUM: the stop flags add up to > 0 when any is set).
-        """
-        if not self.env.distributed:
-            return local, samples, tokens
-        t = torch.tensor([int(local), samples, tokens], dtype=torch.int64, device=self.env.device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        stops, total_samples, total_tokens = (int(v) for v in t.tolist())
-        return stops > 0, total_samples, total_tokens
-
     def _tokens(self, y: Tensor) -> int:
-        return y.numel() if self.task == "language_model" else 0
-
-    def _quality_snapshot(self, metrics: MetricsExporter) -> tuple[dict[str, Tensor], float] | None:
-        """The parameters before this step and the seconds the copy took, if the probe measures this step."""
-        every = self.job.metrics.quality_every
-        if self.quality is None or not metrics.enabled or (self.step + 1) % every:
-            return None
-        start = time.perf_counter()
-        return self.quality.snapshot(), time.perf_counter() - start
-
-    def _measure_quality(
-        self, metrics: MetricsExporter, snapshot: tuple[dict[str, Tensor], float] | None
-    ) -> None:
-        """γ of the step just taken (``ngd_quality_gamma``), if :meth:`_quality_snapshot` took a snapshot."""
-        if snapshot is None or self.quality is None:
-            return
-        before, seconds = snapshot
-        start = time.perf_counter()
-        self.last_gamma = self.quality.measure(before).gamma
-        metrics.observe_quality(gamma=self.last_gamma, seconds=seconds + time.perf_counter() - start)
-
-    def _exporter(self) -> MetricsExporter:
-        """This rank's Prometheus exporter (disabled when metrics are off or the port is 0)."""
-        spec = self.job.metrics
-        port = spec.port if spec.enabled else 0
-        try:
-            return MetricsExporter(
-                rank=self.env.rank,
-                world_size=self.env.world_size,
-                host=spec.host,
-                port=port,
-                local_rank=self.env.local_rank,
-                stall_seconds=spec.stall_seconds,
-            )
-        except MetricsPortError as exc:
-            raise JobError(f"metrics.port: {exc}") from exc
-
-    def _observe(
-        self,
-        metrics: MetricsExporter,
-        x: Tensor,
-        y: Tensor,
-        loss: float,
-        seconds: float,
-        before: dict[str, float],
-    ) -> None:
-        """Report one step: throughput, loss, and the preconditioner's phases and counters."""
-        if not metrics.enabled:
-            return
-        phases: dict[str, float] = {}
-        if self.precond is not None:
-            phases = {k: v - before.get(k, 0.0) for k, v in self.precond.timings.items()}
-            metrics.observe_preconditioner(self.precond)
-        for phase, spent in self.clock.take().items():
-            phases[phase] = phases.get(phase, 0.0) + spent
-        # the statistics are computed in hooks inside forward and backward: count them once
-        inside = phases.get("factor_computation", 0.0)
-        for phase in ("backward", "forward"):
-            taken = min(inside, phases.get(phase, 0.0))
-            if phase in phases:
-                phases[phase] -= taken
-            inside -= taken
-        tokens = self._tokens(y)
-        metrics.observe_step(
-            step=self.step,
-            samples=x.shape[0],
-            tokens=tokens,
-            seconds=seconds,
-            loss=loss,
-            grad_norm=self._grad_norm(),
-            phases=phases,
-        )
-
-    def _grad_norm(self) -> float | None:
-        """L2 norm of the step's rank-averaged gradient, before preconditioning (None if unknown).
-
-        With the preconditioner on, that of the layers it handles (it computes the norm anyway);
-        otherwise of every parameter's ``.grad`` as DDP left it. DeepSpeed without K-FAC keeps the
-        gradients in its own buffers: None.
-        """
-        if self.precond is not None:
-            return self.precond.grad_norm()
-        params = self.model.parameters()
-        grads = [p.grad.detach().float().square().sum() for p in params if p.grad is not None]
-        if not grads:
-            return None
-        return math.sqrt(float(torch.stack(grads).sum()))
+        return y.numel() if self.parts.task == "language_model" else 0
 
     def run(self) -> TrainResult:
-        """Train to ``train.steps`` (or until preempted); checkpoint as configured."""
-        job = self.job
+        """Train to ``train.steps`` applied steps (or until preempted); checkpoint as configured.
+
+        Saves every ``checkpoint.every`` steps, at the last step, and when asked to stop. Raises
+        :class:`TrainingDiverged` after ``train.max_bad_steps`` skipped steps in a row.
+        """
+        job, report = self.job, self.report
         resumed = self.resume()
         if resumed is not None:
             log.info("resumed from step %d", resumed)
-        batches = self.loader.forever()
-        metrics = self._exporter()
+        batches = self.parts.loader.forever()
+        metrics = open_exporter(job.metrics, self.env)
         bar = _Progress(job.train.steps, self.step, enabled=self.env.rank == 0)
         first = last = math.nan
         preempted = False
         start, start_step = time.perf_counter(), self.step
-        every = job.checkpoint.every
-        with metrics, PreemptionHandler() as preempt:
+        every, limit = job.checkpoint.every, job.train.max_bad_steps
+        global_batch = self.parts.global_batch
+        processed = 0
+        skipped: Counter[str] = Counter()
+        in_a_row = 0
+        saved_at = resumed
+        with metrics, PreemptionHandler() as preempt, contextlib.closing(bar):
             while self.step < job.train.steps:
                 x, y = next(batches)
-                before = dict(self.precond.timings) if self.precond is not None and metrics.enabled else {}
-                snapshot = self._quality_snapshot(metrics)
+                snapshot = report.snapshot(metrics, self.step + 1)
                 step_start = time.perf_counter()
-                loss = self.train_step(x, y)
+                outcome = self.train_step(x, y, stop=preempt.requested)
                 seconds = time.perf_counter() - step_start
-                self._observe(metrics, x, y, loss, seconds, before)
-                self._measure_quality(metrics, snapshot)
-                first = loss if math.isnan(first) else first
-                last = loss
-                log_now = self.step % job.train.log_every == 0 or self.step == job.train.steps
-                if log_now:
-                    mean = self._mean_over_ranks(loss)
-                    rate = (
-                        (self.step - start_step) * self.global_batch / max(time.perf_counter() - start, 1e-9)
+                processed += 1
+                if outcome.skipped is not None:
+                    skipped[outcome.skipped] += 1
+                    in_a_row += 1
+                    report.skipped(metrics, reason=outcome.skipped, loss=outcome.loss)
+                    if self.env.rank == 0:
+                        log.warning(
+                            "step %d skipped: %s (%d in a row; train.max_bad_steps=%d)",
+                            self.step + 1, outcome.why, in_a_row, limit,
+                        )  # fmt: skip
+                    if in_a_row >= limit:
+                        raise TrainingDiverged(
+                            f"train.max_bad_steps={limit}: {in_a_row} steps in a row skipped at step "
+                            f"{self.step + 1} (the last: {outcome.why}); likely cause: non-finite inputs "
+                            "(NaN/inf in the data) or a learning rate too high (the run diverged): check "
+                            "the data or lower optimizer.lr, then resume from the last checkpoint"
+                        )
+                else:
+                    in_a_row = 0
+                    loss = outcome.loss
+                    tokens = self._tokens(y)
+                    report.observe(
+                        metrics, step=self.step, samples=x.shape[0], tokens=tokens, loss=loss, seconds=seconds
                     )
-                    bar.update_to(self.step, loss=mean, rate=rate, gamma=self.last_gamma)
-                    if self.env.rank != 0:
-                        log.debug("step %d loss %.4f", self.step, loss)
-                stop, job_samples, job_tokens = self._stop_requested(
-                    preempt.requested, x.shape[0], self._tokens(y)
-                )
-                metrics.observe_job(samples=job_samples, tokens=job_tokens, seconds=seconds)
-                if (every and self.step % every == 0) or stop:
+                    report.measure_quality(metrics, snapshot)
+                    first = loss if self.step == start_step + 1 else first
+                    last = loss
+                    if self.step % job.train.log_every == 0 or self.step == job.train.steps:
+                        mean = self._mean_over_ranks(loss)
+                        rate = processed * global_batch / max(time.perf_counter() - start, 1e-9)
+                        bar.update_to(self.step, loss=mean, rate=rate, gamma=report.last_gamma)
+                        if self.env.rank != 0:
+                            log.debug("step %d loss %.4f", self.step, loss)
+                    metrics.observe_job(samples=outcome.samples, tokens=outcome.tokens, seconds=seconds)
+                due = (every and self.step % every == 0) or self.step == job.train.steps
+                if (outcome.stop or (due and outcome.skipped is None)) and saved_at != self.step:
                     self.save()
+                    saved_at = self.step
                     metrics.mark_checkpoint()
-                if stop:
+                if outcome.stop:
                     preempted = True
                     log.warning(
                         "stopping at step %d (%s); checkpoint saved",
@@ -419,17 +473,17 @@ class Worker:
                         preempt.signal_name or "signal",
                     )
                     break
-        bar.close()
         seconds = time.perf_counter() - start
-        samples = (self.step - start_step) * self.global_batch
         return TrainResult(
             steps=self.step,
+            applied=self.step - start_step,
             first_loss=self._mean_over_ranks(first),
             last_loss=self._mean_over_ranks(last),
             seconds=seconds,
-            samples_per_second=samples / max(seconds, 1e-9),
+            samples_per_second=processed * global_batch / max(seconds, 1e-9),
             resumed_from=resumed,
             preempted=preempted,
+            skipped=dict(skipped),
         )
 
 
@@ -468,6 +522,8 @@ def run_job(job: Job, *, job_dir: Path | None = None, deepspeed: bool = False) -
     """Set up the distributed environment, train ``job``, print the summary on rank 0.
 
     ``deepspeed``: train through DeepSpeed's engine (the workers were started by its launcher).
+    When training ends, every rank leaves the process group together (:func:`teardown`); when it
+    raises, the process group is left as it is and the caller should exit the process at once.
     """
     env = setup(job.distributed.backend, job.distributed.timeout_s)
     configure_logging(env.rank)
@@ -479,18 +535,10 @@ def run_job(job: Job, *, job_dir: Path | None = None, deepspeed: bool = False) -
         except ValueError as exc:  # the job names something that cannot be built: one line, exit 2
             raise JobError(str(exc)) from exc
         result = worker.run()
-        if env.rank == 0 and math.isnan(result.first_loss):
-            print(f"done: nothing to do, checkpoint at step {result.steps} of {job.train.steps}", flush=True)
-        elif env.rank == 0:
-            print(
-                f"done: steps={result.steps} loss {result.first_loss:.4f} -> {result.last_loss:.4f} "
-                f"wall={result.seconds:.1f}s samples/s={result.samples_per_second:.0f} ranks={env.world_size}"
-                + (f" resumed_from={result.resumed_from}" if result.resumed_from is not None else "")
-                + (" preempted" if result.preempted else ""),
-                flush=True,
-            )
-            if worker.precond is not None:
-                s = worker.precond.stats
+        if env.rank == 0:
+            print(summary_line(result, total=job.train.steps, ranks=env.world_size), flush=True)
+            if worker.parts.precond is not None:
+                s = worker.parts.precond.stats
                 log.info(
                     "preconditioner: %d refreshes, %d decompositions on rank 0, %d rejected, kl_scale %.3f",
                     s.factor_refreshes,
@@ -498,9 +546,13 @@ def run_job(job: Job, *, job_dir: Path | None = None, deepspeed: bool = False) -
                     s.nonfinite_rejected,
                     s.kl_scale,
                 )
-        return result
-    finally:
-        # DDP and the preconditioner hold the process group: release them before destroying it
-        del worker
-        gc.collect()
-        teardown()
+    except BaseException:
+        # No teardown on an error path: its barrier would wait for ranks that may be blocked in another
+        # collective, until the collective timeout. The process group is left to the process's exit,
+        # which `ngd-dist train` makes at once (ngd_dist.cli._worker_failed); the launcher stops the rest.
+        raise
+    # DDP and the preconditioner hold the process group: release them before destroying it
+    del worker
+    gc.collect()
+    teardown()
+    return result

@@ -21,7 +21,7 @@ def main() -> int:
 
     from ngd_dist.kfac.distributed.mpi import init_from_mpi
     from ngd_dist.service.environment import teardown
-    from tests.kfac.test_distributed import SCENARIOS, _train
+    from tests.kfac.scenarios import SCENARIOS, rel_diff, train
 
     rank, world = init_from_mpi("gloo", timeout_s=60)
     worst = 0.0
@@ -29,10 +29,9 @@ def main() -> int:
     for transport in ("mpi", "torch"):
         for scenario in SCENARIOS[::2]:
             scenario = {**scenario, "transport": transport}
-            reference, _ = _train(scenario, rank, world, distributed=False)
-            params, _ = _train(scenario, rank, world, distributed=True)
-            diff = max(float((p - r).abs().max() / (r.abs().max() + 1e-12)) for p, r in zip(params, reference, strict=True))
-            worst = max(worst, diff)
+            reference, _ = train(scenario, rank, world, distributed=False)
+            params, _ = train(scenario, rank, world, distributed=True)
+            worst = max(worst, rel_diff(params, reference))
             checked += 1
     diffs = MPI.COMM_WORLD.gather(worst, root=0)
     if rank == 0:

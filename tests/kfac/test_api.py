@@ -69,10 +69,9 @@ def test_mark_output_after_backward_is_caught() -> None:
         pc.step()
 
 
-def test_sampled_fisher_backward_leaves_the_real_gradient_alone() -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
-    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+def test_sampled_fisher_backward_leaves_the_real_gradient_alone(tanh_mlp, classification_batch) -> None:
+    model = tanh_mlp(4, 8, 3, seed=0)
+    x, y = classification_batch(16, 4, 3)
     reference = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
     pc = KFACPreconditioner(model, KFACConfig(kl_clip=None, curvature="mc"))
     logits = model(x)
@@ -92,22 +91,26 @@ def test_statistics_are_not_captured_in_eval_mode_or_without_grad() -> None:
     model.eval()
     model(torch.randn(5, 4))
     assert pc.layers[0].pending_a.count == 0
+    model.train()
+    model(torch.randn(5, 4))  # the same forward in training mode is captured
+    assert pc.layers[0].pending_a.count == 5
 
 
 def test_remove_detaches_hooks() -> None:
     model = nn.Sequential(nn.Linear(4, 3))
     pc = KFACPreconditioner(model, KFACConfig(kl_clip=None, curvature="ef"))
+    model(torch.randn(5, 4))
+    assert pc.layers[0].pending_a.count == 5
     pc.remove()
     model(torch.randn(5, 4))
-    assert pc.layers[0].pending_a.count == 0
+    assert pc.layers[0].pending_a.count == 5
 
 
-def test_float16_statistics_do_not_overflow() -> None:
+def test_float16_statistics_do_not_overflow(tanh_mlp, classification_batch) -> None:
     """Large iEF weights meet small gradients in float32; long row sums are scaled before the product."""
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    model = tanh_mlp(4, 8, 3, seed=0)
     pc = KFACPreconditioner(model, KFACConfig(curvature="ief", factor_dtype="float16", kl_clip=None, output_module="2"))
-    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    x, y = classification_batch(16, 4, 3)
     with torch.no_grad():
         model[2].bias[y[0]] += 12.0  # sample 0 well fitted: s_0 ~ 1e-10, weight ~ 1e10
     F.cross_entropy(model(x), y).backward()
@@ -123,12 +126,14 @@ def test_float16_statistics_do_not_overflow() -> None:
 
 
 @pytest.mark.parametrize("kl_clip", [None, 1e-3])
-def test_grad_norm_is_that_of_the_averaged_gradient_before_preconditioning(kl_clip) -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 3))
+def test_grad_norm_is_that_of_the_averaged_gradient_before_preconditioning(
+    kl_clip, tanh_mlp, classification_batch
+) -> None:
+    model = tanh_mlp(5, 7, 3, seed=0)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     precond = KFACPreconditioner(model, KFACConfig(curvature="ief", output_module="2", kl_clip=kl_clip), optimizer=opt)
-    F.cross_entropy(model(torch.randn(16, 5)), torch.randint(0, 3, (16,))).backward()
+    x, y = classification_batch(16, 5, 3)
+    F.cross_entropy(model(x), y).backward()
     raw = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
     assert precond.grad_norm() is None
     precond.step()

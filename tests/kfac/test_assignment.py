@@ -66,10 +66,16 @@ def test_hybrid_grid_of_two_rows_by_two_columns() -> None:
 
 def test_greedy_balances_better_than_round_robin_on_skewed_layers() -> None:
     layers = _layers((512, 512), (64, 64), (64, 64), (64, 64), (256, 256), (32, 10), (128, 128))
-    for k in (1, 4):
+    factors = {(f"l{i}", f) for i in range(len(layers)) for f in ("a", "g")}
+    for k, biggest in ((1, 2 * 512.0**3), (4, 512.0**3)):  # the costliest layer (k=1) or factor (k=4)
         rr, lpt = make_plan(layers, 4, "round_robin", k), make_plan(layers, 4, "greedy", k)
-        assert lpt.load_balance() <= rr.load_balance()
-        assert sorted(lpt.factor_owner) == sorted(rr.factor_owner)
+        for plan in (rr, lpt):
+            assert set(plan.factor_owner) == factors
+            assert set(plan.factor_owner.values()) == set(range(4)), plan.factor_owner
+        assert lpt.load_balance() < rr.load_balance()
+        # greedy is optimal here: no rank carries more than the one item that cannot be split
+        assert max(lpt.rank_costs()) == biggest
+        assert max(rr.rank_costs()) > biggest
 
 
 def test_diagonal_factor_costs_its_side() -> None:

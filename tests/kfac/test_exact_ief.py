@@ -9,14 +9,19 @@ from ngd_dist import ExactIEF, exact_ief_direction, per_sample_gradients
 from ngd_dist.kfac.exact_ief import damped_ief_direction
 
 
-def _problem(n: int = 10):
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
-    return model, torch.randn(n, 5, dtype=torch.float64), torch.randint(0, 3, (n,))
+@pytest.fixture
+def problem(tanh_mlp, classification_batch):
+    """``problem(n)``: a seeded float64 two-layer tanh network and ``n`` classification samples."""
+
+    def make(n: int = 10) -> tuple[nn.Module, torch.Tensor, torch.Tensor]:
+        model = tanh_mlp(5, 6, 3, seed=0, dtype=torch.float64)
+        return model, *classification_batch(n, 5, 3, dtype=torch.float64)
+
+    return make
 
 
-def test_per_sample_gradients_and_logit_norms_match_a_loop() -> None:
-    model, x, y = _problem()
+def test_per_sample_gradients_and_logit_norms_match_a_loop(problem) -> None:
+    model, x, y = problem()
     names = [n for n, _ in model.named_parameters()]
     jacobian, s, losses = per_sample_gradients(model, names, x, y)
     for i in range(len(y)):
@@ -28,17 +33,17 @@ def test_per_sample_gradients_and_logit_norms_match_a_loop() -> None:
     torch.testing.assert_close(s, e.square().sum(dim=1))
 
 
-def test_eq8_update_changes_each_sample_loss_by_its_logit_gradient_norm() -> None:
+def test_eq8_update_changes_each_sample_loss_by_its_logit_gradient_norm(problem) -> None:
     """Eq. 7: with N <= P and lambda -> 0, J delta = s (each loss falls by eta * s_n)."""
-    model, x, y = _problem()
+    model, x, y = problem()
     names = [n for n, _ in model.named_parameters()]
     jacobian, s, _ = per_sample_gradients(model, names, x, y)
     delta = exact_ief_direction(jacobian, s, 1e-12)
     torch.testing.assert_close(jacobian @ delta, s, rtol=1e-6, atol=1e-9)
 
 
-def test_damped_form_is_the_damped_ief_natural_gradient() -> None:
-    model, x, y = _problem(n=30)
+def test_damped_form_is_the_damped_ief_natural_gradient(problem) -> None:
+    model, x, y = problem(n=30)
     names = [n for n, _ in model.named_parameters()]
     jacobian, s, _ = per_sample_gradients(model, names, x, y)
     damping = 1e-2
@@ -49,8 +54,8 @@ def test_damped_form_is_the_damped_ief_natural_gradient() -> None:
     assert not torch.allclose(exact_ief_direction(jacobian, s, damping), primal, rtol=1e-3)
 
 
-def test_exact_ief_mode_trains_a_head() -> None:
-    model, x, y = _problem(n=24)
+def test_exact_ief_mode_trains_a_head(problem) -> None:
+    model, x, y = problem(n=24)
     ief = ExactIEF(model, ["2.weight", "2.bias"], damping=1e-7)
     opt = torch.optim.SGD(ief.parameters(), lr=0.5)
     losses = []
@@ -62,7 +67,7 @@ def test_exact_ief_mode_trains_a_head() -> None:
     assert losses[-1] < 0.7 * losses[0]
 
 
-def test_exact_ief_rejects_unknown_parameters() -> None:
-    model, _, _ = _problem()
+def test_exact_ief_rejects_unknown_parameters(problem) -> None:
+    model, _, _ = problem()
     with pytest.raises(ValueError, match=r"ExactIEF.names: \['head.weight'\]"):
         ExactIEF(model, ["head.weight"])

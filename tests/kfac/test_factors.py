@@ -25,16 +25,6 @@ from torch import Tensor, nn
 
 from ngd_dist import KFACConfig, KFACPreconditioner
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: one intra-op thread is faster, and not slowed by a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 # -- models ------------------------------------------------------------------------------------
 
 

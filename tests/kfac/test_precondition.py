@@ -108,7 +108,7 @@ def _kfac_direction(model: nn.Module, x: torch.Tensor, y: torch.Tensor, curvatur
 
 
 @pytest.mark.parametrize("method", ["eigen", "inverse"])
-def test_iekfac_is_closer_to_exact_ief_than_ef_kfac(method: str) -> None:
+def test_iekfac_is_closer_to_exact_ief_than_ef_kfac(method: str, tanh_mlp, classification_batch) -> None:
     """Wu et al. (Fig. 5): ieKFAC approximates the exact iEF update better than EF-KFAC does.
 
     A two-layer tanh network (P = 92 parameters) partly fitted to N = 64 samples, so that the
@@ -117,9 +117,8 @@ def test_iekfac_is_closer_to_exact_ief_than_ef_kfac(method: str) -> None:
     """
     iekfac, ekfac = [], []
     for seed in range(8):
-        torch.manual_seed(seed)
-        model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4)).double()
-        x, y = torch.randn(64, 6, dtype=torch.float64), torch.randint(0, 4, (64,))
+        model = tanh_mlp(6, 8, 4, seed=seed, dtype=torch.float64)
+        x, y = classification_batch(64, 6, 4, dtype=torch.float64)
         opt = torch.optim.Adam(model.parameters(), lr=0.03)
         for _ in range(100):
             opt.zero_grad()

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import copy
 import math
-import socket
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,7 +19,8 @@ from ngd_dist.service.jobs import Job, load_job
 from ngd_dist.service.metrics import MetricsExporter
 from ngd_dist.service.models import gpt
 from ngd_dist.service.trainer import Worker
-from ngd_dist.testing.distributed import free_port, run_ranks
+from ngd_dist.testing.distributed import all_ranks, distributed_test, free_port, free_ports
+from tests.support import ROOT, http_get
 
 
 def _flat_model_fn(model: nn.Module, inputs: Tensor):
@@ -82,15 +81,10 @@ def reference_gamma(fisher: Tensor, grad: Tensor, d: Tensor) -> float:
     return math.sqrt(float(d @ fisher @ d)) / abs(float(d @ grad))
 
 
-def tiny_mlp(inputs: int = 4, hidden: int = 5, out: int = 3) -> nn.Module:
-    return nn.Sequential(nn.Linear(inputs, hidden), nn.Tanh(), nn.Linear(hidden, out)).double()
-
-
 @pytest.mark.parametrize("method", ["jvp", "double_backward"])
-def test_gamma_matches_the_explicit_fisher_for_classification(method: str) -> None:
-    torch.manual_seed(0)
-    model = tiny_mlp()
-    x, y = torch.randn(16, 4, dtype=torch.float64), torch.randint(0, 3, (16,))
+def test_gamma_matches_the_explicit_fisher_for_classification(method: str, tanh_mlp, classification_batch) -> None:
+    model = tanh_mlp(4, 5, 3, seed=0, dtype=torch.float64)
+    x, y = classification_batch(16, 4, 3, dtype=torch.float64)
     fisher, grad = brute_force(model, x, y, "classification")
     for trial in range(3):
         d = torch.randn_like(grad) if trial else -grad
@@ -114,9 +108,8 @@ def test_gamma_matches_the_explicit_fisher_for_a_language_model() -> None:
     assert q.gamma == pytest.approx(reference_gamma(fisher, grad, d), rel=1e-9)
 
 
-def test_gamma_matches_the_explicit_gauss_newton_for_squared_error() -> None:
-    torch.manual_seed(2)
-    model = tiny_mlp(out=2)
+def test_gamma_matches_the_explicit_gauss_newton_for_squared_error(tanh_mlp) -> None:
+    model = tanh_mlp(4, 5, 2, seed=2, dtype=torch.float64)
     x, y = torch.randn(10, 4, dtype=torch.float64), torch.randn(10, 2, dtype=torch.float64)
     fisher, grad = brute_force(model, x, y, "mse")
     d = torch.randn_like(grad)
@@ -125,10 +118,9 @@ def test_gamma_matches_the_explicit_gauss_newton_for_squared_error() -> None:
     assert q.loss == pytest.approx(0.5 * float((model(x) - y).square().sum().detach()) / 10, rel=1e-12)
 
 
-def test_gamma_is_invariant_to_the_scale_and_sign_of_the_direction() -> None:
-    torch.manual_seed(3)
-    model = tiny_mlp()
-    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
+def test_gamma_is_invariant_to_the_scale_and_sign_of_the_direction(tanh_mlp, classification_batch) -> None:
+    model = tanh_mlp(4, 5, 3, seed=3, dtype=torch.float64)
+    x, y = classification_batch(8, 4, 3, dtype=torch.float64)
     d = [torch.randn_like(p) for p in model.parameters()]
     base = quality_indicator(model, x, y, d).gamma
     assert math.isfinite(base)
@@ -186,7 +178,6 @@ def test_the_model_is_left_exactly_as_it_was() -> None:
     grads = {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()}
     state = {k: v.clone() for k, v in model.state_dict().items()}
     modes = [m.training for m in model.modules()]
-    rng = torch.get_rng_state()
     d = {n: torch.randn_like(p) for n, p in model.named_parameters()}
     rng = torch.get_rng_state()
     first = quality_indicator(model, x, y, d)
@@ -197,7 +188,8 @@ def test_the_model_is_left_exactly_as_it_was() -> None:
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k]), k  # parameters, running statistics, num_batches_tracked
     for n, p in model.named_parameters():
-        assert (p.grad is None) == (grads[n] is None) and (p.grad is None or torch.equal(p.grad, grads[n])), n
+        assert (p.grad is None) == (grads[n] is None), n
+        assert p.grad is None or torch.equal(p.grad, grads[n]), n
 
 
 def test_a_tiny_gpt_gives_the_same_gamma_in_forward_mode_and_double_backward() -> None:
@@ -213,22 +205,20 @@ def test_a_tiny_gpt_gives_the_same_gamma_in_forward_mode_and_double_backward() -
     assert a.gamma == pytest.approx(b.gamma, rel=1e-9)
 
 
-def test_parameters_given_explicitly_are_where_gamma_is_evaluated() -> None:
-    torch.manual_seed(8)
-    model = tiny_mlp()
-    x, y = torch.randn(8, 4, dtype=torch.float64), torch.randint(0, 3, (8,))
-    other = tiny_mlp()
+def test_parameters_given_explicitly_are_where_gamma_is_evaluated(tanh_mlp, classification_batch) -> None:
+    model = tanh_mlp(4, 5, 3, seed=8, dtype=torch.float64)
+    x, y = classification_batch(8, 4, 3, dtype=torch.float64)
+    other = tanh_mlp(4, 5, 3, dtype=torch.float64)
     d = [torch.randn_like(p) for p in model.parameters()]
     at_other = quality_indicator(model, x, y, d, params=dict(other.named_parameters()))
     assert at_other.gamma == pytest.approx(quality_indicator(other, x, y, d).gamma, rel=1e-12)
     assert at_other.gamma != pytest.approx(quality_indicator(model, x, y, d).gamma, rel=1e-6)
 
 
-def test_probe_measures_the_step_that_was_applied() -> None:
+def test_probe_measures_the_step_that_was_applied(tanh_mlp, classification_batch) -> None:
     """Plain SGD on the probe batch itself: the update is -lr * grad, so gamma is gamma(grad) at theta_before."""
-    torch.manual_seed(9)
-    model = tiny_mlp()
-    data_x, data_y = torch.randn(100, 4, dtype=torch.float64), torch.randint(0, 3, (100,))
+    model = tanh_mlp(4, 5, 3, seed=9, dtype=torch.float64)
+    data_x, data_y = classification_batch(100, 4, 3, dtype=torch.float64)
     rng = torch.get_rng_state()
     probe = QualityProbe.draw(model, data_x, data_y, size=16, seed=3, loss="classification")
     assert torch.equal(torch.get_rng_state(), rng)
@@ -249,11 +239,10 @@ def test_probe_measures_the_step_that_was_applied() -> None:
     assert q.slope < 0
 
 
-def test_bf16_weights_are_probed_in_float32() -> None:
+def test_bf16_weights_are_probed_in_float32(tanh_mlp, classification_batch) -> None:
     """DeepSpeed's bf16 weights: the probe widens weights and step to float32 (it failed on a dtype mismatch)."""
-    torch.manual_seed(4)
-    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3))
-    x, y = torch.randn(32, 6), torch.randint(0, 3, (32,))
+    model = tanh_mlp(6, 8, 3, seed=4)
+    x, y = classification_batch(32, 6, 3)
     wide = QualityProbe.draw(model, x, y, size=32, seed=0, loss="classification")
     low = QualityProbe.draw(copy.deepcopy(model).to(torch.bfloat16), x, y, size=32, seed=0, loss="classification")
     steps = {n: 0.05 * torch.randn_like(p) for n, p in model.named_parameters()}
@@ -271,9 +260,9 @@ def test_bf16_weights_are_probed_in_float32() -> None:
     assert all(p.dtype == torch.bfloat16 for p in low.model.parameters())
 
 
-def test_bad_arguments_are_named() -> None:
-    model = tiny_mlp()
-    x, y = torch.randn(4, 4, dtype=torch.float64), torch.randint(0, 3, (4,))
+def test_bad_arguments_are_named(tanh_mlp, classification_batch) -> None:
+    model = tanh_mlp(4, 5, 3, dtype=torch.float64)
+    x, y = classification_batch(4, 4, 3, dtype=torch.float64)
     with pytest.raises(ValueError, match="not parameters"):
         quality_indicator(model, x, y, {"nope": torch.zeros(1)})
     with pytest.raises(ValueError, match=r"direction\['0.weight'\]: shape"):
@@ -292,7 +281,6 @@ def test_bad_arguments_are_named() -> None:
 
 # -- the training worker -------------------------------------------------------------------------
 
-ROOT = Path(__file__).resolve().parents[2]
 GPT_SMALL = [
     "model.args={vocab_size: 32, block_size: 16, d_model: 32, n_layer: 1, n_head: 2, dropout: 0.0}",
     "data.args={n_sequences: 256, block_size: 16, vocab_size: 32, seed: 0}",
@@ -323,8 +311,7 @@ def _train(job: Job, env: Environment) -> tuple[Worker, dict[tuple[str, str], fl
 
     def scrape_then_close(self: MetricsExporter) -> None:
         if self._server is not None:
-            with urllib.request.urlopen(self.url + "/metrics", timeout=10) as response:
-                texts.append(response.read().decode())
+            texts.append(http_get(self.url + "/metrics", timeout=10)[1])
         original(self)
 
     MetricsExporter.close = scrape_then_close  # type: ignore[method-assign]
@@ -356,13 +343,13 @@ def test_a_job_exports_gamma_without_changing_what_it_trains(
     assert math.isfinite(gamma)
     assert gamma > 0
     assert 0 < on_metrics[("ngd_quality_seconds", "0")] < 60
-    assert on.quality is not None
-    assert on.quality.method == "jvp"
-    assert on.last_gamma == gamma
-    assert len(on.quality.inputs) == 32
+    assert on.parts.quality is not None
+    assert on.parts.quality.method == "jvp"
+    assert on.report.last_gamma == gamma
+    assert len(on.parts.quality.inputs) == 32
     assert not any(name.startswith("ngd_quality") for name, _ in off_metrics)
-    assert off.quality is None
-    for (name, p), q in zip(off.base_model.named_parameters(), on.base_model.parameters(), strict=True):
+    assert off.parts.quality is None
+    for (name, p), q in zip(off.parts.base_model.named_parameters(), on.parts.base_model.parameters(), strict=True):
         assert torch.equal(p, q), name  # bit-identical: the probe changes nothing in training
     # world size 1: the job-wide rates are this rank's
     for kind in ("samples", "tokens"):
@@ -370,33 +357,22 @@ def test_a_job_exports_gamma_without_changing_what_it_trains(
     assert (on_metrics[("ngd_job_tokens_per_second", "0")] > 0) == (config == "gpt_lm.yaml")
 
 
-def _rank_of_two(rank: int, world: int, directory: str, port: int) -> dict[tuple[str, str], float]:
-    env = Environment(rank, world, rank, torch.device("cpu"), "torchrun")
-    _, samples = _train(_job("quickstart.yaml", Path(directory), port, 1, "train.steps=3"), env)
-    return samples
-
-
-def test_two_ranks_export_their_own_gamma_and_rank_0_the_job_throughput(tmp_path: Path) -> None:
-    port = free_port()
-    while True:  # a free pair (port, port + 1)
-        try:
-            with socket.socket() as sock:
-                sock.bind(("127.0.0.1", port + 1))
-            break
-        except OSError:
-            port = free_port()
-    ranks = run_ranks(_rank_of_two, 2, str(tmp_path), port, timeout=180)
-    for rank, samples in enumerate(ranks):
-        gamma = samples[("ngd_quality_gamma", str(rank))]
-        assert math.isfinite(gamma)
-        assert gamma > 0
-    assert ranks[0][("ngd_quality_gamma", "0")] != ranks[1][("ngd_quality_gamma", "1")]  # different probes
-    # rank 0: both ranks' samples (256 each) over rank 0's step times
-    job_rate, own_rate = (
-        ranks[0][("ngd_job_samples_per_second", "0")],
-        ranks[0][("ngd_samples_per_second", "0")],
-    )
-    assert job_rate == pytest.approx(2 * own_rate, rel=1e-12)
-    assert job_rate > 0
-    assert ranks[0][("ngd_job_tokens_per_second", "0")] == 0
-    assert not any(name.startswith("ngd_job_") for name, _ in ranks[1])
+@distributed_test(world_sizes=(2,), timeout=180)
+def test_two_ranks_export_their_own_gamma_and_rank_0_the_job_throughput(
+    rank: int, world_size: int, tmp_path: Path
+) -> None:
+    port = all_ranks(free_ports(world_size) if rank == 0 else 0)[0]  # one base port: rank r serves port + r
+    env = Environment(rank, world_size, rank, torch.device("cpu"), "torchrun")
+    _, samples = _train(_job("quickstart.yaml", tmp_path, port, 1, "train.steps=3"), env)
+    gamma = samples[("ngd_quality_gamma", str(rank))]
+    assert math.isfinite(gamma)
+    assert gamma > 0
+    assert len(set(all_ranks(gamma))) == world_size  # each rank its own probe batch
+    if rank == 0:
+        # both ranks' samples (256 each) over rank 0's step times
+        job_rate, own_rate = samples[("ngd_job_samples_per_second", "0")], samples[("ngd_samples_per_second", "0")]
+        assert job_rate == pytest.approx(2 * own_rate, rel=1e-12)
+        assert job_rate > 0
+        assert samples[("ngd_job_tokens_per_second", "0")] == 0
+    else:
+        assert not any(name.startswith("ngd_job_") for name, _ in samples)

@@ -27,12 +27,19 @@ def test_intervals_lengthen_on_stable_statistics_and_shorten_after_a_change() ->
     assert policy.due("other", 0)
 
 
-def test_same_inputs_give_the_same_decisions() -> None:
-    a, b = AdaptiveInterval(cap=16), AdaptiveInterval(cap=16)
-    for step, change in enumerate([0.0, 0.3, 0.01, 0.01, 0.9]):
-        assert a.observe(("l", "g"), step, change) == b.observe(("l", "g"), step, change)
-    assert a.intervals == b.intervals
-    assert a.last == b.last
+def test_a_factor_s_decisions_follow_from_its_own_changes_alone() -> None:
+    """Every rank decides without communication: a factor's intervals depend on its own history
+    only, whatever other factors saw in between."""
+    changes = [0.0, 0.3, 0.01, 0.01, 0.9]
+    alone, mixed = AdaptiveInterval(cap=16), AdaptiveInterval(cap=16)
+    decided_alone, decided_mixed = [], []
+    for step, change in enumerate(changes):
+        decided_alone.append(alone.observe(("l", "g"), step, change))
+        mixed.observe(("other", "a"), step, 1.0 - change)  # another factor, with the opposite trend
+        decided_mixed.append(mixed.observe(("l", "g"), step, change))
+    assert decided_alone == [2, 1, 2, 4, 2]
+    assert decided_mixed == decided_alone
+    assert mixed.interval(("other", "a")) != mixed.interval(("l", "g"))
 
 
 @pytest.mark.parametrize(

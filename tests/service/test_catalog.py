@@ -31,8 +31,7 @@ from ngd_dist.service.data.datasets import (
     text_file,
 )
 from ngd_dist.service.models import gpt, mlp, resnet18, small_cnn
-
-FIXTURES = [Path(__file__).resolve().parents[1] / "fixtures"]
+from tests.support import FIXTURES
 
 
 def _kfac_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, head: str) -> KFACPreconditioner:
@@ -177,15 +176,15 @@ def test_text_file(tmp_path: Path) -> None:
     assert bytes(x.flatten().tolist()) == raw[: x.numel()]
     assert bytes(y.flatten().tolist()) == raw[1 : x.numel() + 1]
 
-    with pytest.raises(ValueError, match="missing.txt.*does not exist"):
+    with pytest.raises(ValueError, match=r"missing\.txt.*does not exist"):
         text_file(tmp_path / "missing.txt")
     short = tmp_path / "short.txt"
     short.write_text("abc")
-    with pytest.raises(ValueError, match="short.txt.*too short.*block_size=8"):
+    with pytest.raises(ValueError, match=r"short\.txt.*too short.*block_size=8"):
         text_file(short, block_size=8)
     empty = tmp_path / "empty.txt"
     empty.write_text("")
-    with pytest.raises(ValueError, match="empty.txt.*is empty"):
+    with pytest.raises(ValueError, match=r"empty\.txt.*is empty"):
         text_file(empty)
     binary = tmp_path / "bin.txt"
     binary.write_bytes(b"\xff\xfe" * 100)
@@ -200,7 +199,7 @@ def test_image_folder_tensors(tmp_path: Path) -> None:
     x, y = image_folder_tensors(path)
     assert torch.equal(x, images)
     assert torch.equal(y, labels)
-    with pytest.raises(ValueError, match="nothere.pt.*does not exist"):
+    with pytest.raises(ValueError, match=r"nothere\.pt.*does not exist"):
         image_folder_tensors(tmp_path / "nothere.pt")
     torch.save({"images": images, "targets": labels}, path)
     with pytest.raises(ValueError, match=r"set.pt.*lacks key\(s\) \['labels'\]"):
@@ -220,7 +219,7 @@ def test_split_holdout() -> None:
     assert sorted(torch.cat([ya, yb]).tolist()) == list(range(20))
     (_, ya2), _ = split_holdout(x, y, 5, seed=1)
     assert torch.equal(ya, ya2)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="at least one sample on each side of 20, got 20"):
         split_holdout(x, y, 20)
 
 
@@ -353,26 +352,26 @@ def test_builtin_datasets_by_name(tmp_path: Path) -> None:
 
 
 def test_user_factories() -> None:
-    model = build_model("user_model:make_model", {"hidden": 5}, import_paths=FIXTURES)
+    model = build_model("user_model:make_model", {"hidden": 5}, import_paths=[FIXTURES])
     assert model(torch.randn(2, 4)).shape == (2, 3)
     assert model.get_parameter("0.weight").shape == (5, 4)
     assert output_module_of("user_model:make_model", model) is None
     assert task_of("user_model:make_model", model) == "classification"
-    tagged = build_model("user_model:make_tagged_model", None, import_paths=FIXTURES)
+    tagged = build_model("user_model:make_tagged_model", None, import_paths=[FIXTURES])
     assert output_module_of("user_model:make_tagged_model", tagged) == "2"
-    bad = build_model("user_model:make_badly_tagged_model", {}, import_paths=FIXTURES)
+    bad = build_model("user_model:make_badly_tagged_model", {}, import_paths=[FIXTURES])
     with pytest.raises(ValueError, match="ngd_output_module='head' names none"):
         output_module_of("user_model:make_badly_tagged_model", bad)
     # importable as a package path too (the repository root is on sys.path under pytest)
     assert isinstance(build_model("tests.fixtures.user_model:make_model", {}), nn.Sequential)
 
-    x, y = build_dataset("user_model:make_data", {"n": 10}, seed=0, import_paths=FIXTURES)
+    x, y = build_dataset("user_model:make_data", {"n": 10}, seed=0, import_paths=[FIXTURES])
     assert x.shape == (10, 4)
     assert y.shape == (10,)
-    s1 = build_dataset("user_model:make_seeded_data", {}, seed=1, import_paths=FIXTURES)
-    s2 = build_dataset("user_model:make_seeded_data", {}, seed=2, import_paths=FIXTURES)
+    s1 = build_dataset("user_model:make_seeded_data", {}, seed=1, import_paths=[FIXTURES])
+    s2 = build_dataset("user_model:make_seeded_data", {}, seed=2, import_paths=[FIXTURES])
     assert not torch.equal(s1[0], s2[0])
-    dx, dy = build_dataset("user_model:make_dataset", {"n": 6}, seed=0, import_paths=FIXTURES)
+    dx, dy = build_dataset("user_model:make_dataset", {"n": 6}, seed=0, import_paths=[FIXTURES])
     assert dx.shape == (6, 4)
     assert dy.tolist() == [0, 1, 2, 0, 1, 2]
 
@@ -422,7 +421,7 @@ def test_user_factories() -> None:
 )
 def test_build_model_errors(name: str, args: object, pattern: str) -> None:
     with pytest.raises(ValueError, match=pattern):
-        build_model(name, args, import_paths=FIXTURES)  # type: ignore[arg-type]
+        build_model(name, args, import_paths=[FIXTURES])  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(
@@ -443,7 +442,7 @@ def test_build_model_errors(name: str, args: object, pattern: str) -> None:
 )
 def test_build_dataset_errors(name: str, args: dict[str, object], pattern: str) -> None:
     with pytest.raises(ValueError, match=pattern):
-        build_dataset(name, args, seed=0, import_paths=FIXTURES)
+        build_dataset(name, args, seed=0, import_paths=[FIXTURES])
 
 
 def test_task_of_unknown_and_tagged() -> None:

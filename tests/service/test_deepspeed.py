@@ -7,10 +7,8 @@ TORCH_EXTENSIONS_DIR (the project's .cache/torch_extensions unless set), later o
 
 from __future__ import annotations
 
-import contextlib
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from collections.abc import Callable
@@ -22,14 +20,22 @@ import torch
 from ngd_dist.cli import main
 from ngd_dist.service.checkpoint import CheckpointStore
 from ngd_dist.testing.distributed import free_port, free_ports
+from tests.support import (
+    CLI,
+    QUICK,
+    ROOT,
+    assert_same_params,
+    checkpoint_params,
+    cli_env,
+    run_process,
+    sets,
+    summary_of,
+)
 
 pytest.importorskip("deepspeed")
 
-ROOT = Path(__file__).resolve().parents[2]
-CLI = str(Path(sys.executable).with_name("ngd-dist"))
-QUICK = str(ROOT / "configs" / "quickstart.yaml")
 STEPS = 30
-BF16 = ["--set", "precision.dtype=bfloat16", "--set", "deepspeed.bf16=true"]
+BF16 = sets("precision.dtype=bfloat16", "deepspeed.bf16=true")
 
 
 @pytest.fixture(scope="session")
@@ -40,73 +46,15 @@ def extensions_dir() -> Path:
     return path
 
 
-def _run(args: list[str], extensions: Path, timeout: float = 240) -> subprocess.CompletedProcess:
-    """``ngd-dist *args`` in its own process group, killed whole (launcher and workers) on timeout."""
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")
-    }
-    env["TORCH_EXTENSIONS_DIR"] = str(extensions)
-    proc = subprocess.Popen(
-        [CLI, *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env=env,
-        start_new_session=True,
-    )
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail(f"ngd-dist {' '.join(args)} ran past {timeout}s:\n{out[-2000:]}\n{err[-3000:]}")
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # a worker outliving its launcher
-            os.killpg(proc.pid, signal.SIGKILL)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-
-def _summary(stdout: str) -> tuple[str, float, float]:
-    summary = [line for line in stdout.splitlines() if line.startswith("done:")][-1]
-    first, last = summary.split("loss ")[1].split(" wall")[0].split(" -> ")
-    return summary, float(first), float(last)
-
-
-def _params(directory: Path, step: int, rank: int) -> dict[str, torch.Tensor]:
-    store = CheckpointStore(directory, rank=rank, world_size=2)
-    return store.load(store.path_for(step))["model"]
-
-
-def _assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], what: str) -> None:
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0, msg=f"{what}: {name}")
-
-
-def _launch(directory: Path, extensions: Path, *extra: str) -> subprocess.CompletedProcess:
-    return _run(
+def _launch(directory: Path, extensions: Path, *extra: str) -> subprocess.CompletedProcess[str]:
+    """The 2-rank quickstart through DeepSpeed's launcher, checkpoints in ``directory`` every 10 steps."""
+    return run_process(
         [
-            "launch",
-            QUICK,
-            "--launcher",
-            "deepspeed",
-            "--nproc",
-            "2",
-            "--master-port",
-            str(free_port()),
-            *[
-                "--set",
-                "metrics.port=0",
-                "--set",
-                f"checkpoint.dir={directory}",
-                "--set",
-                "checkpoint.every=10",
-            ],
-            *extra,
+            CLI, "launch", QUICK, "--launcher", "deepspeed", "--nproc", "2", "--master-port", str(free_port()),
+            *sets("metrics.port=0", f"checkpoint.dir={directory}", "checkpoint.every=10"), *extra,
         ],
-        extensions,
-    )
+        timeout=240, env=cli_env(TORCH_EXTENSIONS_DIR=str(extensions)),
+    )  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -190,39 +138,40 @@ def test_unsupported_deepspeed_jobs_exit_2_with_one_line(
     assert main(["launch", QUICK, "--launcher", "deepspeed", "--nproc", "2", "--dry-run", *args]) == 2
     captured = capsys.readouterr()
     lines = captured.err.strip().splitlines()
-    assert not captured.out and len(lines) == 1 and needle in lines[0], captured.err
+    assert not captured.out, captured.out
+    assert len(lines) == 1, captured.err
+    assert needle in lines[0], captured.err
 
 
 def test_the_wrapper_script(extensions_dir: Path) -> None:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(
+    env = cli_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    proc = run_process(
         ["bash", str(ROOT / "launch" / "deepspeed.sh"), QUICK, "2", "--dry-run", "--set", "train.steps=3"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        cwd=ROOT,
-    )
+        timeout=60, env=env,
+    )  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     assert "--num_gpus 2" in proc.stdout
     assert "ngd_dist.cli train" in proc.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 1])
 def test_bf16_quickstart_lowers_the_loss_with_identical_parameters(
     stage: int, quickstart: Callable[[int], tuple[subprocess.CompletedProcess, Path]]
 ) -> None:
     proc, directory = quickstart(stage)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
-    summary, first, last = _summary(proc.stdout)
-    assert last < 0.5 * first and "ranks=2" in summary, summary
+    summary, first, last = summary_of(proc.stdout)
+    assert last < 0.5 * first, summary
+    assert "ranks=2" in summary, summary
     if stage == 0:  # the quality probe ran on the bf16 weights (rank 0's progress bar shows gamma)
         assert "gamma=" in proc.stdout + proc.stderr
-    p0, p1 = _params(directory, STEPS, 0), _params(directory, STEPS, 1)
-    assert all(t.dtype == torch.bfloat16 for t in p0.values())  # DeepSpeed's bf16 weights
-    _assert_same(p0, p1, "rank 0 vs rank 1")
+    p0, p1 = checkpoint_params(directory, STEPS, 0, 2), checkpoint_params(directory, STEPS, 1, 2)
+    assert {t.dtype for t in p0.values()} == {torch.bfloat16}  # DeepSpeed's bf16 weights
+    assert_same_params(p1, p0, "rank 1 vs rank 0")
 
 
+@pytest.mark.slow
 def test_zero1_resume_ends_where_the_uninterrupted_run_does(
     tmp_path: Path,
     quickstart: Callable[[int], tuple[subprocess.CompletedProcess, Path]],
@@ -237,11 +186,12 @@ def test_zero1_resume_ends_where_the_uninterrupted_run_does(
     rest = _launch(
         tmp_path, extensions_dir, *BF16, "--set", "deepspeed.zero_stage=1", "--set", f"train.steps={STEPS}"
     )
-    assert rest.returncode == 0 and "resumed_from=20" in rest.stdout, (
-        rest.stdout[-2000:] + rest.stderr[-3000:]
-    )
+    assert rest.returncode == 0, rest.stdout[-2000:] + rest.stderr[-3000:]
+    assert "resumed_from=20" in rest.stdout, rest.stdout[-2000:] + rest.stderr[-3000:]
     for rank in (0, 1):
-        _assert_same(_params(directory, STEPS, rank), _params(tmp_path, STEPS, rank), f"rank {rank}")
+        assert_same_params(
+            checkpoint_params(tmp_path, STEPS, rank, 2), checkpoint_params(directory, STEPS, rank, 2), f"rank {rank}"
+        )
     # the other way round is one line too: a DeepSpeed ZeRO-1 checkpoint under ZeRO stage 0
     other = _launch(
         tmp_path, extensions_dir, *BF16, "--set", "deepspeed.zero_stage=0", "--set", "train.steps=40"

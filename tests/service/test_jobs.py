@@ -9,12 +9,13 @@ import torch
 import yaml
 
 from ngd_dist import KFACConfig
+from ngd_dist.kfac.config import Curvature, Method
 from ngd_dist.service.jobs import (
     BatchSpec,
     Job,
     JobError,
     PrecisionSpec,
-    ScheduleSpec,
+    apply_overrides,
     job_from_dict,
     job_to_dict,
     job_to_yaml,
@@ -35,7 +36,8 @@ def error_of(path: Path, overrides=()) -> JobError:
     with pytest.raises(JobError) as info:
         load_job(path, overrides)
     message = str(info.value)
-    assert "\n" not in message and "\r" not in message, message
+    assert "\n" not in message, message
+    assert "\r" not in message, message
     return info.value
 
 
@@ -53,7 +55,8 @@ def test_empty_file_is_all_defaults(tmp_path):
     assert job.optimizer.betas == (0.9, 0.999)
     assert (job.schedule.name, job.schedule.warmup_steps) == ("cosine", 0)
     assert job.preconditioner.enabled
-    assert job.preconditioner.kfac["curvature"] == "ief"
+    assert job.preconditioner.kfac == KFACConfig()
+    assert job.preconditioner.kfac.curvature == "ief"
     assert job.precision == PrecisionSpec(dtype="float32", grad_scaler="auto")
     assert job.checkpoint.dir is None
     assert job.checkpoint.resume == "auto"
@@ -111,9 +114,9 @@ def test_large_batch_and_lm_configs():
     assert lm.optimizer.name == "adamw"
     assert lm.model.name == "gpt"
     assert lm.kfac_config().layer_types == ("Linear", "Embedding")  # type: ignore[union-attr]
-    assert lm.preconditioner.kfac["output_module"] == "head"
+    assert lm.preconditioner.kfac.output_module == "head"
     cifar = load_job(CONFIGS / "cifar_resnet.yaml")
-    assert (cifar.preconditioner.kfac["assignment"], cifar.preconditioner.kfac["placement"]) == (
+    assert (cifar.preconditioner.kfac.assignment, cifar.preconditioner.kfac.placement) == (
         "greedy",
         "memory",
     )
@@ -141,12 +144,70 @@ def test_round_trip_through_yaml_text(tmp_path):
     assert yaml.safe_load(job_to_yaml(job)) == data
 
 
+MC_JOB = "preconditioner: {curvature: mc, method: inverse, comm_dtype: bf16, include: [fc]}\n"
+
+
+def test_preconditioner_holds_a_resolved_kfac_config(tmp_path):
+    job = load_job(write(tmp_path, MC_JOB))
+    kfac = job.preconditioner.kfac
+    assert isinstance(kfac, KFACConfig)
+    assert (kfac.curvature, kfac.method, kfac.comm_dtype, kfac.include) == (
+        Curvature.MC,
+        Method.INVERSE,
+        torch.bfloat16,
+        ("fc",),
+    )
+    config = job.kfac_config()
+    assert config == kfac
+    config.output_module = "head"  # the caller's copy: the job keeps its own
+    assert job.preconditioner.kfac.output_module is None
+
+
+def _leaves(value):
+    if isinstance(value, dict):
+        for item in value.values():
+            yield from _leaves(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _leaves(item)
+    else:
+        yield value
+
+
+def test_job_to_dict_writes_plain_yaml_values(tmp_path):
+    job = load_job(write(tmp_path, MC_JOB))
+    data = job_to_dict(job)
+    pre = data["preconditioner"]
+    assert (pre["curvature"], pre["method"], pre["comm_dtype"], pre["include"]) == ("mc", "inverse", "bfloat16", ["fc"])
+    leaves = list(_leaves(data))
+    assert len(leaves) > 50
+    assert {type(v) for v in leaves} <= {str, int, float, bool, type(None)}
+    assert job_from_dict(data) == job
+
+
+def _every_key():
+    for name, value in job_to_dict(Job()).items():
+        if isinstance(value, dict):
+            yield from (f"{name}.{key}" for key in value)
+        else:
+            yield name
+
+
+@pytest.mark.parametrize("key", list(_every_key()))
+def test_every_key_is_checked(key):
+    """A value no key accepts is rejected, naming the key: every declared field carries a check."""
+    with pytest.raises(JobError) as info:
+        job_from_dict(apply_overrides({}, [f"{key}=[[]]"]))
+    assert info.value.path == key
+    assert f"{key}: got [[]]" in str(info.value)
+
+
 def test_resolved_preconditioner_inherits_seed_and_transport(tmp_path):
     job = load_job(write(tmp_path, "seed: 7\ndistributed: {transport: mpi}\n"))
     cfg = job.kfac_config()
     assert cfg is not None
     assert (cfg.seed, cfg.transport) == (7, "mpi")
-    assert load_job(write(tmp_path, "preconditioner: {seed: 3}\nseed: 7\n")).preconditioner.kfac["seed"] == 3
+    assert load_job(write(tmp_path, "preconditioner: {seed: 3}\nseed: 7\n")).preconditioner.kfac.seed == 3
     assert load_job(write(tmp_path, "preconditioner: {enabled: false}\n")).kfac_config() is None
 
 
@@ -158,8 +219,9 @@ def test_dtype_aliases_and_scientific_notation(tmp_path):
     off = load_job(write(tmp_path, "precision: {dtype: bf16, grad_scaler: false}\n")).precision
     assert off.autocast
     assert not off.use_grad_scaler
-    kfac = load_job(write(tmp_path, "preconditioner: {factor_dtype: bf16}\n")).preconditioner.kfac
-    assert kfac["factor_dtype"] == "bfloat16"
+    bf16 = load_job(write(tmp_path, "preconditioner: {factor_dtype: bf16}\n"))
+    assert bf16.preconditioner.kfac.factor_dtype is torch.bfloat16
+    assert job_to_dict(bf16)["preconditioner"]["factor_dtype"] == "bfloat16"
 
 
 # --- overrides ---------------------------------------------------------------------------------------
@@ -309,6 +371,18 @@ BAD = [
         "preconditioner.transport",
         "distributed.transport",
     ),
+    (
+        "kfac-refresh",
+        "preconditioner: {refresh: sometimes}",
+        "preconditioner.refresh",
+        "one of fixed, adaptive",
+    ),
+    (
+        "kfac-comm-dtype",
+        "preconditioner: {comm_dtype: float16}",
+        "preconditioner.comm_dtype",
+        "one of float32, bfloat16",
+    ),
     ("kfac-enabled-int", "preconditioner: {enabled: 1}", "preconditioner.enabled", "true or false"),
     ("top-level-list", "- a\n- b", "", "expected a mapping of sections"),
     ("top-level-scalar", "just words", "", "expected a mapping of sections"),
@@ -394,17 +468,8 @@ def test_check_world():
         batch.check_world(0)
 
 
-def test_schedules():
-    warm = ScheduleSpec(name="cosine", warmup_steps=10, min_lr=0.0)
-    assert warm.lr_at(0, base_lr=1.0, total_steps=110) == pytest.approx(0.1)
-    assert warm.lr_at(9, base_lr=1.0, total_steps=110) == pytest.approx(1.0)
-    assert warm.lr_at(60, base_lr=1.0, total_steps=110) == pytest.approx(0.5)
-    assert warm.lr_at(110, base_lr=1.0, total_steps=110) == pytest.approx(0.0, abs=1e-12)
-    linear = ScheduleSpec(name="linear", min_lr=0.1)
-    assert linear.lr_at(50, base_lr=1.0, total_steps=100) == pytest.approx(0.55)
-    step = ScheduleSpec(name="step", decay_steps=10, gamma=0.5, min_lr=0.2)
-    assert [step.lr_at(s, base_lr=1.0, total_steps=100) for s in (0, 10, 25, 99)] == [1.0, 0.5, 0.25, 0.2]
-    assert ScheduleSpec(name="constant").lr_at(7, base_lr=0.3, total_steps=10) == 0.3
+def test_job_lr_at_follows_its_schedule():
     job = job_from_dict({"train": {"steps": 20}, "optimizer": {"lr": 0.4}, "schedule": {"warmup_steps": 4}})
     assert job.lr_at(1) == pytest.approx(0.2)
     assert math.isclose(job.lr_at(3), 0.4)
+    assert job.lr_at(19) < 0.01  # cosine down to min_lr=0 at train.steps

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import socket
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator
 
 import pytest
-import torch
 import torch.nn.functional as F
 from prometheus_client.parser import text_string_to_metric_families
 from torch import nn
@@ -17,18 +14,24 @@ from torch import nn
 from ngd_dist import KFACConfig, KFACPreconditioner
 from ngd_dist.service.metrics import MetricsExporter, MetricsPortError
 from ngd_dist.testing.distributed import free_port
+from tests.support import http_get
 
 
-def get(url: str) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
+class Clock:
+    """A monotonic clock that moves only when told (binary fractions keep differences exact)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 def scrape(exporter: MetricsExporter) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    status, text = get(exporter.url + "/metrics")
+    status, text = http_get(exporter.url + "/metrics")
     assert status == 200
     out = {}
     for family in text_string_to_metric_families(text):
@@ -43,15 +46,22 @@ def value(samples: dict, name: str, **labels: str) -> float:
 
 
 @pytest.fixture
-def exporter() -> Iterator[MetricsExporter]:
-    ex = MetricsExporter(rank=3, world_size=4, port=free_port())
+def clock() -> Clock:
+    return Clock()
+
+
+@pytest.fixture
+def exporter(clock: Clock) -> Iterator[MetricsExporter]:
+    ex = MetricsExporter(rank=3, world_size=4, port=free_port(), clock=clock)
     try:
         yield ex
     finally:
         ex.close()
 
 
-def test_observe_step_values_and_rank_label(exporter: MetricsExporter) -> None:
+def test_observe_step_values_and_rank_label(exporter: MetricsExporter, clock: Clock) -> None:
+    clock.advance(2.5)
+    before = time.time()
     for step in range(1, 4):
         exporter.observe_step(
             step=step,
@@ -62,6 +72,7 @@ def test_observe_step_values_and_rank_label(exporter: MetricsExporter) -> None:
             grad_norm=1.5,
             phases={"forward": 0.2, "optimizer": 0.01, "not_a_phase": 1.0},
         )
+    after = time.time()
     s = scrape(exporter)
     assert value(s, "ngd_steps_total") == 3
     assert value(s, "ngd_samples_total") == 96
@@ -76,28 +87,30 @@ def test_observe_step_values_and_rank_label(exporter: MetricsExporter) -> None:
     assert not any(dict(labels).get("phase") == "not_a_phase" for _, labels in s)
     assert value(s, "ngd_loss") == pytest.approx(2.0 / 3)
     assert value(s, "ngd_grad_norm") == 1.5
-    assert value(s, "ngd_last_step_timestamp_seconds") == pytest.approx(time.time(), abs=60)
-    assert 0 <= value(s, "ngd_seconds_since_checkpoint") < 60
+    assert before <= value(s, "ngd_last_step_timestamp_seconds") <= after  # Unix time of the last step
+    assert value(s, "ngd_seconds_since_checkpoint") == 2.5  # no checkpoint yet: since the start
     assert all(dict(labels).get("rank") == "3" for _, labels in s)
 
 
-def test_seconds_since_checkpoint_computed_at_scrape(exporter: MetricsExporter) -> None:
-    time.sleep(0.3)
-    assert value(scrape(exporter), "ngd_seconds_since_checkpoint") >= 0.3
+def test_seconds_since_checkpoint_computed_at_scrape(exporter: MetricsExporter, clock: Clock) -> None:
+    clock.advance(0.75)
+    assert value(scrape(exporter), "ngd_seconds_since_checkpoint") == 0.75
     exporter.mark_checkpoint()
-    assert value(scrape(exporter), "ngd_seconds_since_checkpoint") < 0.3
+    assert value(scrape(exporter), "ngd_seconds_since_checkpoint") == 0
+    clock.advance(3.5)
+    assert value(scrape(exporter), "ngd_seconds_since_checkpoint") == 3.5
 
 
 def test_exposition_parses_and_follows_naming_conventions(exporter: MetricsExporter) -> None:
     exporter.observe_step(step=1, samples=4, seconds=0.1)
-    _, text = get(exporter.url + "/metrics")
+    _, text = http_get(exporter.url + "/metrics")
     families = list(text_string_to_metric_families(text))
     assert families
     for family in families:
         assert family.name.startswith("ngd_"), family.name
         for sample in family.samples:
             assert sample.labels.get("rank") == "3", sample
-            assert set(sample.labels) <= {"rank", "phase", "kind", "stat", "le"}, sample
+            assert set(sample.labels) <= {"rank", "phase", "kind", "stat", "reason", "le"}, sample
     counters = [
         line.split()[2]
         for line in text.splitlines()
@@ -137,18 +150,18 @@ def test_exposition_parses_and_follows_naming_conventions(exporter: MetricsExpor
     assert expected <= sample_names
 
 
-def _kfac_steps(model: nn.Module, precond: KFACPreconditioner, n: int) -> None:
+def _kfac_steps(model: nn.Module, precond: KFACPreconditioner, n: int, batch) -> None:
     for _ in range(n):
         model.zero_grad()
-        F.cross_entropy(model(torch.randn(8, 6)), torch.randint(0, 3, (8,))).backward()
+        x, y = batch(8, 6, 3)
+        F.cross_entropy(model(x), y).backward()
         precond.step()
 
 
-def test_preconditioner_counters_are_monotonic(exporter: MetricsExporter) -> None:
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3))
+def test_preconditioner_counters_are_monotonic(exporter: MetricsExporter, tanh_mlp, classification_batch) -> None:
+    model = tanh_mlp(6, 5, 3, seed=0)
     precond = KFACPreconditioner(model, KFACConfig(kl_clip=None, curvature="ef"))
-    _kfac_steps(model, precond, 2)
+    _kfac_steps(model, precond, 2, classification_batch)
     exporter.observe_preconditioner(precond)
     first = scrape(exporter)
     assert value(first, "ngd_decompositions_total") == precond.stats.decompositions > 0
@@ -161,14 +174,14 @@ def test_preconditioner_counters_are_monotonic(exporter: MetricsExporter) -> Non
     assert value(first, "ngd_factors") == len(intervals) == 4
     assert value(first, "ngd_refresh_interval_steps", stat="min") == min(intervals)
     assert value(first, "ngd_refresh_interval_steps", stat="max") == max(intervals)
-    _kfac_steps(model, precond, 2)
+    _kfac_steps(model, precond, 2, classification_batch)
     exporter.observe_preconditioner(precond)
     exporter.observe_preconditioner(precond)  # no change: no double counting
     second = scrape(exporter)
     assert value(second, "ngd_decompositions_total") == precond.stats.decompositions
     # a fresh preconditioner (e.g. after recovery) restarts its counts: the exported ones still grow
     fresh = KFACPreconditioner(model, KFACConfig(kl_clip=None, curvature="ef"))
-    _kfac_steps(model, fresh, 1)
+    _kfac_steps(model, fresh, 1, classification_batch)
     exporter.observe_preconditioner(fresh)
     third = scrape(exporter)
     for key, before in first.items():
@@ -180,22 +193,24 @@ def test_preconditioner_counters_are_monotonic(exporter: MetricsExporter) -> Non
     )
 
 
-def test_healthz_goes_stalled_and_recovers() -> None:
-    ex = MetricsExporter(rank=3, world_size=4, port=free_port(), stall_seconds=0.3)
+def test_healthz_goes_stalled_and_recovers(clock: Clock) -> None:
+    ex = MetricsExporter(rank=3, world_size=4, port=free_port(), stall_seconds=2.0, clock=clock)
     try:
-        status, body = get(ex.url + "/healthz")
-        assert (status, body.strip()) == (200, "ok step 0")
-        time.sleep(0.5)
-        status, body = get(ex.url + "/healthz")
-        assert status == 503
-        assert "stalled since" in body
+        health = ex.url + "/healthz"
+        clock.advance(1.75)  # not yet stalled: 200 with no step seen yet
+        assert http_get(health) == (200, "ok step 0\n")
+        clock.advance(0.25)  # stall_seconds since the start, no step: stalled
+        assert http_get(health) == (503, "stalled since 2.0 seconds at start (no step yet) (stall_seconds=2)\n")
         ex.observe_step(step=7, samples=1, seconds=0.01)
-        status, body = get(ex.url + "/healthz")
-        assert (status, body.strip()) == (200, "ok step 7")
-        time.sleep(0.5)
+        assert http_get(health) == (200, "ok step 7\n")
+        clock.advance(1.5)
         ex.observe_step(step=7, samples=1, seconds=0.01)  # the step counter did not advance
-        assert get(ex.url + "/healthz")[0] == 503
-        assert get(ex.url + "/nope")[0] == 404
+        assert http_get(health)[0] == 200
+        clock.advance(0.5)  # stall_seconds since step 7 was first seen
+        assert http_get(health) == (503, "stalled since 2.0 seconds at step 7 (stall_seconds=2)\n")
+        ex.observe_step(step=8, samples=1, seconds=0.01)
+        assert http_get(health) == (200, "ok step 8\n")
+        assert http_get(ex.url + "/nope")[0] == 404
     finally:
         ex.close()
 
@@ -225,7 +240,7 @@ def test_local_rank_offsets_the_port() -> None:
     try:
         assert ex.port == base + 1
         assert ex.url == f"http://127.0.0.1:{base + 1}"
-        assert get(ex.url + "/healthz")[0] == 200
+        assert http_get(ex.url + "/healthz")[0] == 200
     finally:
         ex.close()
 
@@ -233,7 +248,7 @@ def test_local_rank_offsets_the_port() -> None:
 def test_close_frees_the_port() -> None:
     port = free_port()
     ex = MetricsExporter(rank=0, world_size=1, port=port)
-    assert get(ex.url + "/metrics")[0] == 200
+    assert http_get(ex.url + "/metrics")[0] == 200
     ex.close()
     ex.close()  # idempotent
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

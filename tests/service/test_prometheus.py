@@ -15,9 +15,7 @@ import shutil
 import signal
 import subprocess
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
@@ -28,7 +26,7 @@ import pytest
 import yaml
 
 from ngd_dist.testing.distributed import free_port, free_ports
-from tests.service.test_recovery import CLI, QUICK, ROOT, _env, _kill_tree
+from tests.support import QUICK, ROOT, http_get, kill_tree, sets, start_cli, wait_until
 
 DOCKER = ROOT / "docker"
 ALERTS = DOCKER / "prometheus" / "alerts.yml"
@@ -58,15 +56,6 @@ def tool(name: str) -> str:
     exe = shutil.which(name)
     assert exe, f"{name} not found: `make test` installs Debian's prometheus package (server and promtool)"
     return exe
-
-
-def http_get(url: str, timeout: float = 5.0) -> tuple[int, str]:
-    """Status and body of a GET (HTTP errors included); raises OSError when nothing answers."""
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status, r.read().decode()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read().decode()
 
 
 def sample_names(exposition: str) -> set[str]:
@@ -159,7 +148,8 @@ class Stack:
         url = f"{self.prometheus_url}/api/v1/query?" + urllib.parse.urlencode({"query": expr})
         status, body = http_get(url)
         reply = json.loads(body)
-        assert status == 200 and reply["status"] == "success", f"{expr}: {status} {body[:500]}"
+        assert status == 200, f"{expr}: {status} {body[:500]}"
+        assert reply["status"] == "success", f"{expr}: {body[:500]}"
         assert reply["data"]["resultType"] == "vector", reply["data"]["resultType"]
         return list(reply["data"]["result"])
 
@@ -179,21 +169,10 @@ class Stack:
         return "\n".join(parts)
 
 
-def _wait(what: str, predicate: Any, timeout: float, stack: Stack | None = None) -> Any:
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = predicate()
-        except (OSError, ValueError, KeyError):
-            last = None
-        if last:
-            return last
-        if stack is not None and stack.job.poll() is not None:
-            pytest.fail(f"the training job exited ({stack.job.returncode}) while waiting for {what}\n"
-                        + stack.diagnostics())
-        time.sleep(0.25)
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n" + (stack.diagnostics() if stack else ""))
+def _wait(what: str, predicate: Any, timeout: float, stack: Stack) -> Any:
+    """``wait_until`` on the stack: a query failing meanwhile (nothing scraped yet) counts as not yet."""
+    return wait_until(predicate, timeout, what, proc=stack.job, details=stack.diagnostics, interval=0.25,
+                      ignore=(OSError, ValueError, KeyError))  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -203,15 +182,12 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("prometheus")
     base = free_ports(2)
     job_err = (workdir / "job.err").open("w")
-    job = subprocess.Popen(
-        [
-            CLI, "launch", QUICK, "--launcher", "torchrun", "--nproc", "2",
-            "--set", f"checkpoint.dir={workdir / 'checkpoints'}", "--set", "checkpoint.resume=never",
-            "--set", "train.steps=1000000", "--set", "checkpoint.every=50", "--set", f"metrics.port={base}",
-            "--set", "metrics.quality_every=2",
-        ],
-        cwd=ROOT, env=_env(), stdout=subprocess.DEVNULL, stderr=job_err, text=True, start_new_session=True,
-    )
+    job = start_cli(
+        "launch", QUICK, "--launcher", "torchrun", "--nproc", "2",
+        *sets(f"checkpoint.dir={workdir / 'checkpoints'}", "checkpoint.resume=never", "train.steps=1000000",
+              "checkpoint.every=50", f"metrics.port={base}", "metrics.quality_every=2"),
+        stdout=subprocess.DEVNULL, stderr=job_err,
+    )  # fmt: skip
     prometheus: subprocess.Popen[str] | None = None
     try:
         config = {
@@ -240,7 +216,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         _wait("Prometheus to be ready", lambda: http_get(f"{s.prometheus_url}/-/ready")[0] == 200, 30, s)
         yield s
     finally:
-        _kill_tree(job.pid)
+        kill_tree(job.pid)
         job.wait(timeout=30)
         job_err.close()
         if prometheus is not None:
@@ -306,7 +282,8 @@ def test_promtool_check_metrics_accepts_a_live_scrape(stack: Stack) -> None:
         result = subprocess.run([promtool, "check", "metrics"], input=body, capture_output=True, text=True,
                                 timeout=30)
         assert result.returncode == 0, f"rank {rank}:\n{result.stdout}{result.stderr}"
-        assert result.stdout.strip() == "" and result.stderr.strip() == "", result.stdout + result.stderr
+        assert result.stdout.strip() == "", result.stdout + result.stderr
+        assert result.stderr.strip() == "", result.stdout + result.stderr
 
 
 def test_every_dashboard_metric_appears_in_a_live_scrape(stack: Stack) -> None:
@@ -318,7 +295,9 @@ def test_every_dashboard_metric_appears_in_a_live_scrape(stack: Stack) -> None:
     for title, expr in dashboard_queries(dashboard):
         missing = promql_metric_names(expr) - scraped
         assert not missing, f"panel {title!r}: {sorted(missing)} not in a scrape of the running job ({expr})"
-    assert variable_metric_names(dashboard) <= scraped
+    variables = variable_metric_names(dashboard)
+    assert variables, "the dashboard has no label_values() variables"
+    assert variables <= scraped, sorted(variables - scraped)
 
 
 def test_every_dashboard_query_returns_data_from_prometheus(stack: Stack) -> None:
@@ -426,7 +405,9 @@ def test_dashboard_panels_use_the_provisioned_datasource() -> None:
         for target in panel["targets"]:
             assert target["datasource"] == expected, (panel["title"], target["refId"])
         grid = panel["gridPos"]
-        assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 24 and grid["h"] > 0, panel["title"]
+        assert grid["x"] >= 0, panel["title"]
+        assert grid["x"] + grid["w"] <= 24, panel["title"]
+        assert grid["h"] > 0, panel["title"]
     for var in dashboard["templating"]["list"]:
         assert var["datasource"] == expected, var["name"]
     referenced = set().union(*(promql_metric_names(expr) for _, expr in dashboard_queries(dashboard)))

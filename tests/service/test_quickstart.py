@@ -1,14 +1,9 @@
 """The README's main job, run as a new user would."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from ngd_dist.service.data import load_digits
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import run_cli
 
 
 def test_embedded_digits_load() -> None:
@@ -22,11 +17,7 @@ def test_embedded_digits_load() -> None:
 
 @pytest.mark.parametrize("curvature", ["ief", "ef", "mc"])
 def test_quickstart_cli_trains(curvature: str) -> None:
-    cli = Path(sys.executable).with_name("ngd-dist")
-    proc = subprocess.run(
-        [str(cli), "quickstart", "--steps", "30", "--curvature", curvature],
-        capture_output=True, text=True, timeout=120, cwd=ROOT,
-    )
+    proc = run_cli("quickstart", "--steps", "30", "--curvature", curvature, timeout=120)
     assert proc.returncode == 0, proc.stderr
     summary = proc.stdout.strip().splitlines()[-1]
     first, last = summary.split("loss ")[1].split(",")[0].split(" -> ")

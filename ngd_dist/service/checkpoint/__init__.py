@@ -2,11 +2,17 @@
 
 from ngd_dist.service.checkpoint.preemption import PreemptionHandler
 from ngd_dist.service.checkpoint.rng import capture_rng_state, restore_rng_state
-from ngd_dist.service.checkpoint.store import CheckpointError, CheckpointStore, agree_on_step
+from ngd_dist.service.checkpoint.store import (
+    CheckpointError,
+    CheckpointStore,
+    CheckpointWriteError,
+    agree_on_step,
+)
 
 __all__ = [
     "CheckpointError",
     "CheckpointStore",
+    "CheckpointWriteError",
     "PreemptionHandler",
     "agree_on_step",
     "capture_rng_state",

@@ -38,6 +38,7 @@ directory are not supported.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -52,7 +53,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["CheckpointError", "CheckpointStore", "agree_on_step"]
+__all__ = [
+    "CheckpointError",
+    "CheckpointStore",
+    "CheckpointWriteError",
+    "agree_on_step",
+    "list_checkpoints",
+    "parse_name",
+]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +79,12 @@ _TENSORS = (torch.Tensor, torch.nn.Parameter)
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be written, is missing, damaged or unsafe to load (names file and problem)."""
+
+
+class CheckpointWriteError(CheckpointError):
+    """The directory refused a checkpoint (disk full, read-only, missing): one line naming the
+    directory and the OS error. The checkpoints already there are left as they were.
+    """
 
 
 # ----------------------------------------------------------------------------------- state checks
@@ -111,17 +125,26 @@ def type_name(value: Any) -> str:
 
 
 class _HashingWriter:
-    """A write-only file wrapper that hashes and counts what goes through it."""
+    """A write-only file wrapper that hashes and counts what goes through it.
+
+    The first OSError of a write is kept in :attr:`error`: ``torch.save`` reports a failed write
+    as its own ``unexpected pos`` error, which does not say that the disk was full.
+    """
 
     def __init__(self, file: io.BufferedWriter) -> None:
         self.file = file
         self.sha256 = hashlib.sha256()
         self.size = 0
+        self.error: OSError | None = None
 
     def write(self, data: Any) -> int:
         view = memoryview(data).cast("B")
         self.sha256.update(view)
-        self.file.write(view)
+        try:
+            self.file.write(view)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
         self.size += view.nbytes
         return view.nbytes
 
@@ -224,6 +247,36 @@ def _read_footer(file: io.BufferedReader, path: Path) -> tuple[dict[str, Any], i
     return footer, payload
 
 
+# ------------------------------------------------------------------------------------------- lookup
+
+
+def parse_name(name: str) -> tuple[int, int, int] | None:
+    """``(step, rank, world_size)`` from a checkpoint file's name (``step-00000040.rank1-of2.pt``);
+    None for any other name.
+    """
+    match = _NAME.match(name)
+    return (int(match[1]), int(match[2]), int(match[3])) if match else None
+
+
+def list_checkpoints(directory: str | Path) -> dict[tuple[int, int], frozenset[int]]:
+    """The checkpoint files in ``directory`` by ``(step, world_size)``: the ranks that have one there.
+
+    Only the names are read (nothing is verified, nothing created); a directory that is missing or
+    cannot be listed holds none. What resuming needs to check first: is a step there for a world size.
+    """
+    found: dict[tuple[int, int], set[int]] = {}
+    try:
+        names = [entry.name for entry in Path(directory).iterdir()]
+    except OSError:
+        return {}
+    for name in names:
+        parsed = parse_name(name)
+        if parsed is not None and parsed[1] < parsed[2]:
+            step, rank, world_size = parsed
+            found.setdefault((step, world_size), set()).add(rank)
+    return {key: frozenset(ranks) for key, ranks in found.items()}
+
+
 # ---------------------------------------------------------------------------------------- the store
 
 
@@ -273,13 +326,46 @@ class CheckpointStore:
 
     # ---- writing
 
+    def _write_error(self, step: int, exc: BaseException) -> CheckpointWriteError:
+        """One line naming the file (so the directory), and the OS error behind ``exc``."""
+        cause = exc if isinstance(exc, OSError) else None
+        if cause is not None and cause.errno is not None:
+            why = f"[Errno {cause.errno}] {cause.strerror}"
+        else:
+            lines = str(exc).strip().splitlines()
+            why = lines[0] if lines else type(exc).__name__
+        return CheckpointWriteError(
+            f"checkpoint {self.path_for(step)}: could not be written: {why} (the previous checkpoints "
+            "are unchanged)"
+        )
+
+    def check_writable(self) -> None:
+        """Raise CheckpointWriteError unless a file can be created, written, synced and removed in
+        the directory (a start-up check: better than finding out at the first save).
+        """
+        try:
+            fd, name = tempfile.mkstemp(dir=self.directory, prefix=".write-test.", suffix=".tmp")
+        except OSError as exc:
+            raise CheckpointWriteError(f"checkpoint directory {self.directory}: not writable: {exc}") from exc
+        try:
+            with os.fdopen(fd, "wb") as file:
+                file.write(MAGIC)
+                file.flush()
+                os.fsync(file.fileno())
+        except OSError as exc:
+            raise CheckpointWriteError(f"checkpoint directory {self.directory}: not writable: {exc}") from exc
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(name)
+
     def save(self, step: int, state: Mapping[str, Any], *, prune: bool = True) -> Path:
         """Write ``state`` as this rank's checkpoint for ``step`` atomically and return its path.
 
         The state is checked first (see the module docstring for what it may contain); then it is
         written to a temporary file, fsynced, renamed over the final name and the directory is
-        fsynced. Any failure raises CheckpointError and leaves the existing checkpoints as they
-        were. With ``prune`` (the default) older steps beyond ``keep`` are deleted afterwards.
+        fsynced. Any failure raises CheckpointError (CheckpointWriteError when the directory refused
+        the file: disk full, read-only, gone) and leaves the existing checkpoints as they were. With
+        ``prune`` (the default) older steps beyond ``keep`` are deleted afterwards.
         """
         if not isinstance(step, int) or isinstance(step, bool) or step < 0:
             raise CheckpointError(f"checkpoint save: step={step!r}; expected an int >= 0")
@@ -291,8 +377,9 @@ class CheckpointStore:
         try:
             fd, tmp_name = tempfile.mkstemp(dir=self.directory, prefix=f".{final.name}.", suffix=".tmp")
         except OSError as exc:
-            raise CheckpointError(f"checkpoint {final}: cannot create a temporary file: {exc}") from exc
+            raise self._write_error(step, exc) from exc
         tmp = Path(tmp_name)
+        writer: _HashingWriter | None = None
         try:
             with os.fdopen(fd, "wb") as file:
                 writer = _HashingWriter(file)
@@ -313,9 +400,11 @@ class CheckpointStore:
                 os.fsync(file.fileno())
             os.replace(tmp, final)
         except BaseException as exc:
-            tmp.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
             if isinstance(exc, Exception) and not isinstance(exc, CheckpointError):
-                raise CheckpointError(f"checkpoint {final}: could not be written: {exc}") from exc
+                cause = writer.error if writer is not None and writer.error is not None else exc
+                raise self._write_error(step, cause) from exc
             raise
         _fsync_directory(self.directory)
         log.info("checkpoint: saved step %d to %s (%d bytes)", step, final, final.stat().st_size)

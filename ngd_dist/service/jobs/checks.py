@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, TypeGuard
 
 from ngd_dist.service.jobs.errors import JobError, suggestion
 
@@ -17,7 +17,7 @@ def join(path: str, key: object) -> str:
     return f"{path}.{key}" if path else str(key)
 
 
-def is_number(value: object) -> bool:
+def is_number(value: object) -> TypeGuard[int | float]:
     """True for ints and floats (not bools)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
@@ -154,13 +154,11 @@ class Section:
 
 def check_number(path: str, value: object, low: float, high: float, open_low: bool, open_high: bool) -> float:
     """``value`` as a float if it is a finite number in the range; JobError naming ``path`` otherwise."""
-    ok = is_number(value) and math.isfinite(value)  # type: ignore[arg-type]
-    if ok:
-        v = float(value)  # type: ignore[arg-type]
-        ok = (v > low if open_low else v >= low) and (v < high if open_high else v <= high)
-    if not ok:
-        raise JobError.invalid(path, value, f"a finite number {interval(low, high, open_low, open_high)}")
-    return float(value)  # type: ignore[arg-type]
+    if is_number(value) and math.isfinite(value):
+        v = float(value)
+        if (v > low if open_low else v >= low) and (v < high if open_high else v <= high):
+            return v
+    raise JobError.invalid(path, value, f"a finite number {interval(low, high, open_low, open_high)}")
 
 
 def one_of(value: object, choices: Sequence[str]) -> str:

@@ -1,35 +1,59 @@
 """The sections of a training job, their defaults, and how a mapping (parsed YAML) becomes a ``Job``.
 
-Every section is a frozen dataclass whose field defaults are the job defaults; ``job_from_dict``
-checks each key (unknown keys, types, ranges, and the rules that span sections) and raises
-``JobError`` with a one-line message naming the key path, the value and what is allowed.
-``job_to_dict`` writes a job back as plain YAML types; ``job_from_dict(job_to_dict(job)) == job``.
+Every section is a frozen dataclass; each field is declared once, with its default, YAML key and
+check (:mod:`ngd_dist.service.jobs.fields`). ``job_from_dict`` checks each key (unknown keys, types,
+ranges, and the rules that span fields or sections) and raises ``JobError`` with a one-line message
+naming the key path, the value and what is allowed. ``job_to_dict`` writes a job back as plain YAML
+types; ``job_from_dict(job_to_dict(job)) == job``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
+import copy
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, TypeVar
+from typing import Any, Literal, get_args
 
 import torch
 
 from ngd_dist.kfac.config import KFACConfig
 from ngd_dist.service import catalog as _registry
+from ngd_dist.service import optim
 from ngd_dist.service.jobs.checks import PLAIN, Section, check_number, join, one_of, plain
 from ngd_dist.service.jobs.errors import JobError, suggestion
+from ngd_dist.service.jobs.fields import (
+    INLINE,
+    SECTION,
+    Read,
+    Spec,
+    checked,
+    choice,
+    flag,
+    integer,
+    mapping,
+    number,
+    optional_integer,
+    optional_text,
+    read_fields,
+    text,
+    to_plain,
+    yaml_keys,
+)
+
+OptimizerName = Literal["sgd", "adamw", "lamb", "lars"]
+ScheduleName = Literal["constant", "cosine", "linear", "step"]
+DtypeName = Literal["float32", "bfloat16", "float16"]
+Backend = Literal["auto", "gloo", "nccl"]
+TransportName = Literal["torch", "mpi"]
 
 BUILTIN_MODELS: tuple[str, ...] = tuple(_registry.BUILTIN_MODELS)
 BUILTIN_DATA: tuple[str, ...] = tuple(_registry.BUILTIN_DATASETS)
-OPTIMIZERS: tuple[str, ...] = ("sgd", "adamw", "lamb", "lars")
-SCHEDULES: tuple[str, ...] = ("constant", "cosine", "linear", "step")
-DTYPES: tuple[str, ...] = ("float32", "bfloat16", "float16")
-BACKENDS: tuple[str, ...] = ("auto", "gloo", "nccl")
-TRANSPORTS: tuple[str, ...] = ("torch", "mpi")
-KFAC_FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(KFACConfig))
+OPTIMIZERS: tuple[str, ...] = get_args(OptimizerName)
+SCHEDULES: tuple[str, ...] = get_args(ScheduleName)
+DTYPES: tuple[str, ...] = get_args(DtypeName)
+BACKENDS: tuple[str, ...] = get_args(Backend)
+TRANSPORTS: tuple[str, ...] = get_args(TransportName)
 
 _IDENT = r"[A-Za-z_][A-Za-z0-9_]*"
 FACTORY_PATTERN = rf"{_IDENT}(?:\.{_IDENT})*:{_IDENT}(?:\.{_IDENT})*"
@@ -38,92 +62,73 @@ FACTORY_PATTERN = rf"{_IDENT}(?:\.{_IDENT})*:{_IDENT}(?:\.{_IDENT})*"
 _DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _NAME_PATTERN = r"[A-Za-z0-9][A-Za-z0-9._-]*"
+_STEP_NEEDS_DECAY = "an integer >= 1 (the step schedule needs it)"
 
 
-def _keys(cls: type) -> list[str]:
-    """The YAML keys of a section dataclass (``global_`` is written ``global``)."""
-    return [f.metadata.get("key", f.name) for f in dataclasses.fields(cls)]
+def _factory_name(builtins: tuple[str, ...]) -> Read:
+    """Check of a ``name`` key: one of ``builtins`` or ``"package.module:factory"``."""
 
+    def read(s: Section, key: str, default: str) -> str:
+        value = s.data.get(key, default)
+        if isinstance(value, str) and (value in builtins or re.fullmatch(FACTORY_PATTERN, value)):
+            return value
+        expected = f"{one_of(value, builtins).split(';')[0]}, or 'package.module:factory'"
+        guess = suggestion(value, builtins) if isinstance(value, str) else None
+        if guess is not None:
+            expected += f"; did you mean {guess!r}?"
+        raise JobError.invalid(s.where(key), value, expected)
 
-def _factory_name(section: Section, default: str, builtins: tuple[str, ...]) -> str:
-    value = section.data.get("name", default)
-    if isinstance(value, str) and (value in builtins or re.fullmatch(FACTORY_PATTERN, value)):
-        return value
-    expected = f"{one_of(value, builtins).split(';')[0]}, or 'package.module:factory'"
-    guess = suggestion(value, builtins) if isinstance(value, str) else None
-    if guess is not None:
-        expected += f"; did you mean {guess!r}?"
-    raise JobError.invalid(section.where("name"), value, expected)
-
-
-def _split_factory(name: str) -> tuple[str, str] | None:
-    if ":" not in name:
-        return None
-    module, attr = name.split(":", 1)
-    return module, attr
-
-
-_Spec = TypeVar("_Spec", bound="_FactorySpec")
+    return read
 
 
 @dataclass(frozen=True, kw_only=True)
-class _FactorySpec:
+class _FactorySpec(Spec):
     """A built-in name or ``"package.module:factory"``, called with ``args``."""
 
     name: str = ""
-    args: dict[str, Any] = field(default_factory=dict)
-    """Keyword arguments of the factory (plain YAML values)."""
+    """Declared again by each subclass, with its default and built-ins."""
 
-    BUILTINS: ClassVar[tuple[str, ...]] = ()
-    SECTION: ClassVar[str] = ""
+    args: dict[str, Any] = field(default_factory=dict, metadata=mapping())
+    """Keyword arguments of the factory (plain YAML values)."""
 
     @property
     def factory(self) -> tuple[str, str] | None:
         """``("package.module", "factory")`` for a user factory; None for a built-in."""
-        return _split_factory(self.name)
-
-    @classmethod
-    def parse(cls: type[_Spec], data: object, path: str | None = None) -> _Spec:
-        """Check the section of a job this spec describes."""
-        s = Section(data, path or cls.SECTION, _keys(cls))
-        return cls(name=_factory_name(s, cls.name, cls.BUILTINS), args=s.mapping("args"))
+        if ":" not in self.name:
+            return None
+        module, attr = self.name.split(":", 1)
+        return module, attr
 
 
 @dataclass(frozen=True, kw_only=True)
 class ModelSpec(_FactorySpec):
     """Which model to build: a built-in name or ``"package.module:factory"``, called with ``args``."""
 
-    name: str = "mlp"
+    name: str = field(default="mlp", metadata=checked(_factory_name(BUILTIN_MODELS)))
     """``"mlp"``, ``"small_cnn"``, ``"resnet18"``, ``"gpt"``, or ``"package.module:factory"``."""
-
-    BUILTINS: ClassVar[tuple[str, ...]] = BUILTIN_MODELS
-    SECTION: ClassVar[str] = "model"
 
 
 @dataclass(frozen=True, kw_only=True)
 class DataSpec(_FactorySpec):
     """Which data set to read: a built-in name or ``"package.module:factory"``, called with ``args``."""
 
-    name: str = "digits"
+    name: str = field(default="digits", metadata=checked(_factory_name(BUILTIN_DATA)))
     """``"digits"`` (embedded), ``"synthetic_images"``, ``"synthetic_tokens"``, ``"text"``,
     ``"tensor_file"`` (a .pt of images and labels, ``args.path``), or ``"package.module:factory"``."""
 
-    BUILTINS: ClassVar[tuple[str, ...]] = BUILTIN_DATA
-    SECTION: ClassVar[str] = "data"
-
 
 @dataclass(frozen=True, kw_only=True)
-class BatchSpec:
+class BatchSpec(Spec):
     """Samples per step: per rank, per optimizer step in total, and micro-batches accumulated."""
 
-    per_rank: int = 256
+    per_rank: int = field(default=256, metadata=integer(minimum=1))
     """Samples in one forward/backward on one rank (one micro-batch)."""
 
-    global_: int | None = field(default=None, metadata={"key": "global"})
+    global_: int | None = field(default=None, metadata=optional_integer(minimum=1, key="global"))
     """YAML key ``global``: samples per optimizer step over all ranks; when given it must equal
     ``per_rank * world_size * accumulation`` (checked at launch by :meth:`check_world`)."""
 
-    accumulation: int = 1
+    accumulation: int = field(default=1, metadata=integer(minimum=1))
     """Micro-batches accumulated (forward/backward each) before one optimizer step."""
 
     @property
@@ -147,198 +152,128 @@ class BatchSpec:
             )
         return total
 
-    @classmethod
-    def parse(cls, data: object, path: str = "batch") -> BatchSpec:
-        """Check the ``batch`` section of a job."""
-        s = Section(data, path, _keys(cls))
-        d = cls()
-        per_rank = s.integer("per_rank", d.per_rank, minimum=1)
-        accumulation = s.integer("accumulation", d.accumulation, minimum=1)
-        total = s.optional_integer("global", d.global_)
-        if total is not None and total % (per_rank * accumulation):
+    def check_fields(self, s: Section) -> None:
+        """``global`` is a multiple of ``per_rank x accumulation``."""
+        per_step = self.per_rank * self.accumulation
+        if self.global_ is not None and self.global_ % per_step:
             raise JobError.invalid(
                 s.where("global"),
-                total,
-                f"a multiple of per_rank x accumulation = {per_rank} x {accumulation} = "
-                f"{per_rank * accumulation} (one per rank)",
+                self.global_,
+                f"a multiple of per_rank x accumulation = {self.per_rank} x {self.accumulation} = "
+                f"{per_step} (one per rank)",
             )
-        return cls(per_rank=per_rank, global_=total, accumulation=accumulation)
 
 
 @dataclass(frozen=True, kw_only=True)
-class TrainSpec:
+class TrainSpec(Spec):
     """How long to train and how often to log and evaluate."""
 
-    steps: int = 100
-    """Optimizer steps in the whole run."""
+    steps: int = field(default=100, metadata=integer(minimum=1))
+    """Optimizer steps in the whole run. A skipped step (below) is not one: the run takes another
+    batch, so it still ends after ``steps`` applied steps."""
 
-    log_every: int = 10
+    max_bad_steps: int = field(default=10, metadata=integer(minimum=1))
+    """Consecutive skipped steps after which the job stops, on every rank, with one line and exit
+    code 3 (diverged). A step is skipped on every rank, with no optimizer, preconditioner or
+    schedule step, when the loss of any rank or the (averaged) gradients hold NaN or inf (a
+    float16 GradScaler overflow too)."""
+
+    log_every: int = field(default=10, metadata=integer(minimum=1))
     """Log the loss every this many steps."""
 
-    eval_every: int = 0
+    eval_every: int = field(default=0, metadata=integer(minimum=0))
     """Evaluate on held-out data every this many steps; 0 disables evaluation."""
 
-    @classmethod
-    def parse(cls, data: object, path: str = "train") -> TrainSpec:
-        """Check the ``train`` section of a job."""
-        s = Section(data, path, _keys(cls))
-        d = cls()
-        return cls(
-            steps=s.integer("steps", d.steps, minimum=1),
-            log_every=s.integer("log_every", d.log_every, minimum=1),
-            eval_every=s.integer("eval_every", d.eval_every, minimum=0),
-        )
+
+def _betas(s: Section, key: str, default: tuple[float, float]) -> tuple[float, float]:
+    """Check of ``optimizer.betas``: a list of two numbers in [0, 1)."""
+    betas = s.data.get(key, default)
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2:
+        raise JobError.invalid(s.where(key), betas, "a list of two numbers in [0, 1)")
+    b1, b2 = (check_number(f"{s.where(key)}[{i}]", b, 0.0, 1.0, False, True) for i, b in enumerate(betas))
+    return b1, b2
 
 
 @dataclass(frozen=True, kw_only=True)
-class OptimizerSpec:
+class OptimizerSpec(Spec):
     """The base optimizer that applies the (preconditioned) gradients."""
 
-    name: Literal["sgd", "adamw", "lamb", "lars"] = "sgd"
+    name: OptimizerName = field(default="sgd", metadata=choice(OPTIMIZERS))
     """``"sgd"`` (with momentum), ``"adamw"``, or for large batches ``"lamb"`` / ``"lars"``."""
 
-    lr: float = 0.1
+    lr: float = field(default=0.1, metadata=number(low=0.0, open_low=True))
     """Peak learning rate (reached at the end of the warm-up)."""
 
-    momentum: float = 0.9
+    momentum: float = field(default=0.9, metadata=number(low=0.0, high=1.0, open_high=True))
     """Momentum of sgd and lars, in [0, 1)."""
 
-    weight_decay: float = 0.0
+    weight_decay: float = field(default=0.0, metadata=number(low=0.0))
     """Decoupled (adamw, lamb) or L2 (sgd, lars) weight decay, >= 0."""
 
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[float, float] = field(default=(0.9, 0.999), metadata=checked(_betas))
     """Adam moment decays of adamw and lamb, each in [0, 1)."""
 
-    eps: float = 1e-8
+    eps: float = field(default=1e-8, metadata=number(low=0.0, open_low=True))
     """Denominator epsilon of adamw and lamb, > 0."""
 
-    trust_coefficient: float = 0.001
+    trust_coefficient: float = field(default=0.001, metadata=number(low=0.0, open_low=True))
     """LARS trust ratio coefficient eta, > 0."""
-
-    @classmethod
-    def parse(cls, data: object, path: str = "optimizer") -> OptimizerSpec:
-        """Check the ``optimizer`` section of a job."""
-        s = Section(data, path, _keys(cls))
-        d = cls()
-        betas = s.data.get("betas", d.betas)
-        if not isinstance(betas, (list, tuple)) or len(betas) != 2:
-            raise JobError.invalid(s.where("betas"), betas, "a list of two numbers in [0, 1)")
-        b1, b2 = (
-            check_number(f"{s.where('betas')}[{i}]", b, 0.0, 1.0, False, True) for i, b in enumerate(betas)
-        )
-        return cls(
-            name=s.choice("name", d.name, OPTIMIZERS),  # type: ignore[arg-type]
-            lr=s.number("lr", d.lr, low=0.0, open_low=True),
-            momentum=s.number("momentum", d.momentum, low=0.0, high=1.0, open_high=True),
-            weight_decay=s.number("weight_decay", d.weight_decay, low=0.0),
-            betas=(b1, b2),
-            eps=s.number("eps", d.eps, low=0.0, open_low=True),
-            trust_coefficient=s.number("trust_coefficient", d.trust_coefficient, low=0.0, open_low=True),
-        )
 
 
 @dataclass(frozen=True, kw_only=True)
-class ScheduleSpec:
-    """Learning-rate schedule: a linear warm-up, then constant, cosine, linear or step decay."""
+class ScheduleSpec(Spec):
+    """Learning-rate schedule: a linear warm-up, then constant, cosine, linear or step decay.
 
-    name: Literal["constant", "cosine", "linear", "step"] = "cosine"
+    The learning rate it gives at each step: :func:`ngd_dist.service.optim.lr_at`.
+    """
+
+    name: ScheduleName = field(default="cosine", metadata=choice(SCHEDULES))
     """Shape after the warm-up: ``"constant"``, ``"cosine"`` or ``"linear"`` (from lr down to
     min_lr at train.steps), ``"step"`` (times gamma every decay_steps, floored at min_lr)."""
 
-    warmup_steps: int = 0
+    warmup_steps: int = field(default=0, metadata=integer(minimum=0))
     """Steps of linear warm-up from lr / warmup_steps to lr; at most train.steps."""
 
-    min_lr: float = 0.0
+    min_lr: float = field(default=0.0, metadata=number(low=0.0))
     """Learning rate at the end of cosine / linear decay, floor of step decay; <= optimizer.lr."""
 
-    decay_steps: int | None = None
+    decay_steps: int | None = field(default=None, metadata=optional_integer(minimum=1))
     """Step schedule: multiply by gamma every this many steps after the warm-up (required there)."""
 
-    gamma: float = 0.1
+    gamma: float = field(default=0.1, metadata=number(low=0.0, high=1.0, open_low=True))
     """Step schedule: the decay factor, in (0, 1]."""
 
-    def lr_at(self, step: int, *, base_lr: float, total_steps: int) -> float:
-        """Learning rate of the 0-based optimizer ``step`` of a ``total_steps`` run peaking at ``base_lr``."""
-        if step < self.warmup_steps:
-            return base_lr * (step + 1) / self.warmup_steps
-        after = step - self.warmup_steps
-        if self.name == "constant":
-            return base_lr
-        if self.name == "step":
-            if self.decay_steps is None:
-                raise JobError.invalid(
-                    "schedule.decay_steps", None, "an integer >= 1 (the step schedule needs it)"
-                )
-            return max(self.min_lr, base_lr * self.gamma ** (after // self.decay_steps))
-        span = max(1, total_steps - self.warmup_steps)
-        t = min(1.0, after / span)
-        if self.name == "cosine":
-            return self.min_lr + (base_lr - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * t))
-        return base_lr + (self.min_lr - base_lr) * t
-
-    @classmethod
-    def parse(cls, data: object, path: str = "schedule") -> ScheduleSpec:
-        """Check the ``schedule`` section of a job (its bounds against other sections: ``Job``)."""
-        s = Section(data, path, _keys(cls))
-        d = cls()
-        name = s.choice("name", d.name, SCHEDULES)
-        decay_steps = s.optional_integer("decay_steps", d.decay_steps)
-        if name == "step" and decay_steps is None:
-            raise JobError.invalid(
-                s.where("decay_steps"), None, "an integer >= 1 (the step schedule needs it)"
-            )
-        return cls(
-            name=name,  # type: ignore[arg-type]
-            warmup_steps=s.integer("warmup_steps", d.warmup_steps, minimum=0),
-            min_lr=s.number("min_lr", d.min_lr, low=0.0),
-            decay_steps=decay_steps,
-            gamma=s.number("gamma", d.gamma, low=0.0, high=1.0, open_low=True),
-        )
-
-
-def _kfac_value(value: object) -> Any:
-    """A KFACConfig attribute as a job value: dtypes by name, lists as tuples."""
-    if isinstance(value, torch.dtype):
-        return str(value).removeprefix("torch.")
-    if isinstance(value, list):
-        return tuple(value)
-    return value
-
-
-def _resolved_kfac(config: KFACConfig) -> dict[str, Any]:
-    """Every field of ``config`` as a job value."""
-    return {name: _kfac_value(getattr(config, name)) for name in KFAC_FIELDS}
+    def check_fields(self, s: Section) -> None:
+        """The step schedule needs ``decay_steps`` (its bounds against other sections: ``Job``)."""
+        if self.name == "step" and self.decay_steps is None:
+            raise JobError.invalid(s.where("decay_steps"), None, _STEP_NEEDS_DECAY)
 
 
 @dataclass(frozen=True, kw_only=True)
-class PreconditionerSpec:
-    """The K-FAC preconditioner: on or off, and every ``ngd_dist.KFACConfig`` field.
+class PreconditionerSpec(Spec):
+    """The K-FAC preconditioner: on or off, and its ``ngd_dist.KFACConfig``.
 
     In YAML the KFACConfig fields sit next to ``enabled`` (``preconditioner: {curvature: ief,
-    damping: 1.0e-3}``); after loading, ``kfac`` holds all of them, resolved: ``seed`` defaults to
-    the job seed and ``transport`` to ``distributed.transport``, dtypes are names, lists tuples.
+    damping: 1.0e-3}``); after loading, ``kfac`` is the KFACConfig they describe, with ``seed``
+    defaulting to the job seed and ``transport`` to ``distributed.transport``.
     """
 
-    enabled: bool = True
+    enabled: bool = field(default=True, metadata=flag())
     """False trains with the base optimizer alone."""
 
-    kfac: dict[str, Any] = field(default_factory=lambda: _resolved_kfac(KFACConfig()))
-    """Keyword arguments of ``KFACConfig``, every field given (default: KFACConfig's defaults)."""
-
-    def to_kfac_config(self) -> KFACConfig:
-        """The ``KFACConfig`` these fields describe."""
-        return KFACConfig(**self.kfac)
+    kfac: KFACConfig = field(default_factory=KFACConfig, metadata=INLINE)
+    """The preconditioner's configuration (default: KFACConfig's defaults)."""
 
     @classmethod
     def parse(
         cls, data: object, path: str = "preconditioner", *, seed: int = 0, transport: str = "torch"
     ) -> PreconditionerSpec:
         """Check the ``preconditioner`` section: build the KFACConfig, relabelling its errors."""
-        s = Section(data, path, ["enabled", *KFAC_FIELDS])
-        enabled = s.flag("enabled", cls.enabled)
+        s = Section(data, path, yaml_keys(cls))
+        values = read_fields(cls, s)
         given: dict[str, Any] = {}
         for key, value in s.data.items():
-            if key == "enabled":
+            if key in values:
                 continue
             if callable(value):
                 raise JobError.invalid(s.where(key), value, f"{PLAIN} (schedules cannot be written in a job)")
@@ -355,7 +290,7 @@ class PreconditionerSpec:
             config = KFACConfig(**given)
         except (ValueError, TypeError) as exc:
             raise _relabel(str(exc), path) from None
-        return cls(enabled=enabled, kfac=_resolved_kfac(config))
+        return cls(kfac=config, **values)
 
 
 def _relabel(message: str, path: str) -> JobError:
@@ -367,15 +302,23 @@ def _relabel(message: str, path: str) -> JobError:
     return JobError(f"{key}: {match.group(2)}", path=key)
 
 
+def _grad_scaler(s: Section, key: str, default: str | bool) -> str | bool:
+    """Check of ``precision.grad_scaler``: ``auto``, true or false."""
+    scaler = s.data.get(key, default)
+    if scaler != "auto" and not isinstance(scaler, bool):
+        raise JobError.invalid(s.where(key), scaler, "auto, true or false")
+    return scaler
+
+
 @dataclass(frozen=True, kw_only=True)
-class PrecisionSpec:
+class PrecisionSpec(Spec):
     """Autocast dtype of the forward/backward passes, and gradient scaling."""
 
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    dtype: DtypeName = field(default="float32", metadata=choice(DTYPES, _DTYPE_ALIASES))
     """``"float32"`` (no autocast), ``"bfloat16"`` or ``"float16"`` (autocast); aliases fp32, bf16,
     fp16 are accepted and stored as the full names."""
 
-    grad_scaler: Literal["auto"] | bool = "auto"
+    grad_scaler: Literal["auto"] | bool = field(default="auto", metadata=checked(_grad_scaler))
     """Use ``torch.amp.GradScaler``: ``"auto"`` means only for float16."""
 
     @property
@@ -393,176 +336,169 @@ class PrecisionSpec:
         """Whether to build a GradScaler (``grad_scaler`` resolved)."""
         return self.dtype == "float16" if self.grad_scaler == "auto" else bool(self.grad_scaler)
 
-    @classmethod
-    def parse(cls, data: object, path: str = "precision") -> PrecisionSpec:
-        """Check the ``precision`` section of a job."""
-        s = Section(data, path, _keys(cls))
-        dtype = s.choice("dtype", cls.dtype, DTYPES, _DTYPE_ALIASES)
-        scaler = s.data.get("grad_scaler", cls.grad_scaler)
-        if scaler != "auto" and not isinstance(scaler, bool):
-            raise JobError.invalid(s.where("grad_scaler"), scaler, "auto, true or false")
-        return cls(dtype=dtype, grad_scaler=scaler)  # type: ignore[arg-type]
+
+_RESUME_EXPECTED = (
+    "auto, never, a step of checkpoint.dir (e.g. 40), a directory of checkpoints "
+    "or a checkpoint file"
+)
+
+
+def _resume(s: Section, key: str, default: str | int) -> str | int:
+    """Check of ``checkpoint.resume``: ``auto``, ``never``, a step (an int >= 0, or its digits), or a path."""
+    value = s.data.get(key, default)
+    if isinstance(value, str) and re.fullmatch(r"[0-9]{1,18}", value.strip()):
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    if isinstance(value, str) and value.strip():
+        return value
+    raise JobError.invalid(s.where(key), value, _RESUME_EXPECTED)
 
 
 @dataclass(frozen=True, kw_only=True)
-class CheckpointSpec:
+class CheckpointSpec(Spec):
     """Where and how often to save, how many to keep, and what to resume from."""
 
-    dir: str | None = None
+    dir: str | None = field(default=None, metadata=optional_text())
     """Directory of the checkpoints; None saves nothing."""
 
-    every: int = 0
-    """Save every this many steps; 0 disables periodic saves (needs ``dir`` otherwise)."""
+    every: int = field(default=0, metadata=integer(minimum=0))
+    """Save every this many steps (needs ``dir``); 0: no periodic saves. With ``dir`` set, the last
+    step (``train.steps``) is always saved too, and so is the current one on SIGTERM/SIGINT: steps
+    45, every 20 saves steps 20, 40 and 45; every 0 saves step 45 only."""
 
-    keep: int = 3
+    keep: int = field(default=3, metadata=integer(minimum=1))
     """Newest checkpoints kept in ``dir``; older ones are deleted."""
 
-    resume: str = "auto"
-    """``"auto"``: resume from the newest checkpoint in ``dir`` if there is one; ``"never"``: start
-    afresh; anything else: the path of a checkpoint to resume from (missing is an error at launch)."""
+    resume: str | int = field(default="auto", metadata=checked(_resume))
+    """What to resume from; each rank loads its own rank's file of one step:
 
-    @classmethod
-    def parse(cls, data: object, path: str = "checkpoint") -> CheckpointSpec:
-        """Check the ``checkpoint`` section of a job."""
-        s = Section(data, path, _keys(cls))
-        d = cls()
-        directory = s.optional_text("dir", d.dir)
-        every = s.integer("every", d.every, minimum=0)
-        if every and directory is None:
+    - ``"auto"``: the newest step in ``dir`` whose files load on every rank; none: start afresh.
+    - ``"never"``: start afresh.
+    - a step, ``40`` (or ``"40"``): step 40 in ``dir``.
+    - a directory of a run's per-rank files: its newest step that loads on every rank (the run
+      then saves in ``dir``, which may be another directory).
+    - one of those files, ``DIR/step-00000040.rank0-of2.pt``: step 40 of ``DIR``.
+
+    An explicit step, directory or file that is missing, lacks a rank's file or was written by
+    another number of ranks is a one-line error (``ngd-dist validate`` checks it too). Before
+    anything is restored the job the checkpoint recorded is compared with this one: only
+    ``train.steps``, ``train.log_every``, ``train.eval_every``, ``train.max_bad_steps``, ``name``,
+    ``checkpoint.*``, ``metrics.*`` and ``distributed.timeout_s`` may differ; any other change (the
+    model, data, batch, optimizer, schedule, preconditioner, precision, ...) or another world size
+    is refused in one line listing the fields (:mod:`ngd_dist.service.resume`)."""
+
+    def check_fields(self, s: Section) -> None:
+        """Periodic saves need a directory, and so does resuming from a step."""
+        if self.every and self.dir is None:
             raise JobError.invalid(
-                s.where("dir"), None, f"a directory, since checkpoint.every={every} asks for saves"
+                s.where("dir"), None, f"a directory, since checkpoint.every={self.every} asks for saves"
             )
-        resume = s.text("resume", d.resume, expected="auto, never, or the path of a checkpoint")
-        return cls(dir=directory, every=every, keep=s.integer("keep", d.keep, minimum=1), resume=resume)
+        if isinstance(self.resume, int) and self.dir is None:
+            raise JobError.invalid(
+                s.where("resume"),
+                self.resume,
+                f"a directory or a checkpoint file, or set checkpoint.dir: a step ({self.resume}) needs "
+                "checkpoint.dir to find it in",
+            )
 
 
 @dataclass(frozen=True, kw_only=True)
-class MetricsSpec:
+class MetricsSpec(Spec):
     """The Prometheus exporter and the health checks behind it."""
 
-    enabled: bool = True
+    enabled: bool = field(default=True, metadata=flag())
     """False exports nothing."""
 
-    host: str = "127.0.0.1"
+    host: str = field(default="127.0.0.1", metadata=text(pattern=r"\S+", expected="a host name or address"))
     """Address the HTTP exporter listens on."""
 
-    port: int = 9400
+    port: int = field(
+        default=9400, metadata=integer(minimum=0, maximum=65535, expected="0 (off) or a port in [1, 65535]")
+    )
     """Port of rank 0's exporter (others add their rank); 0 disables the HTTP endpoint."""
 
-    stall_seconds: float = 120.0
+    stall_seconds: float = field(default=120.0, metadata=number(low=0.0, open_low=True))
     """A step taking longer than this marks the job stalled, > 0."""
 
-    quality_every: int = 0
+    quality_every: int = field(default=0, metadata=integer(minimum=0))
     """Every this many steps, measure the update-quality indicator γ of the iEF paper (Eq. 15) of the
     step's update on a fixed probe batch and export it as ``ngd_quality_gamma``
     (:mod:`ngd_dist.kfac.quality`); 0 disables it. Needs the exporter (``enabled`` and a port);
     costs about one forward and one forward-mode pass over the probe per measurement."""
 
-    quality_probe: int = 32
+    quality_probe: int = field(
+        default=32, metadata=integer(minimum=1, expected="an integer >= 1 (samples in the probe batch)")
+    )
     """Samples in each rank's probe batch for ``quality_every`` (drawn once from the training data,
     different on each rank), >= 1."""
 
-    @classmethod
-    def parse(cls, data: object, path: str = "metrics") -> MetricsSpec:
-        """Check the ``metrics`` section of a job."""
-        s = Section(data, path, _keys(cls))
-        d = cls()
-        return cls(
-            enabled=s.flag("enabled", d.enabled),
-            host=s.text("host", d.host, pattern=r"\S+", expected="a host name or address"),
-            port=s.integer(
-                "port", d.port, minimum=0, maximum=65535, expected="0 (off) or a port in [1, 65535]"
-            ),
-            stall_seconds=s.number("stall_seconds", d.stall_seconds, low=0.0, open_low=True),
-            quality_every=s.integer("quality_every", d.quality_every, minimum=0),
-            quality_probe=s.integer(
-                "quality_probe",
-                d.quality_probe,
-                minimum=1,
-                expected="an integer >= 1 (samples in the probe batch)",
-            ),
-        )
-
 
 @dataclass(frozen=True, kw_only=True)
-class DistributedSpec:
+class DistributedSpec(Spec):
     """How ranks talk: the torch.distributed backend and the preconditioner's transport."""
 
-    backend: Literal["auto", "gloo", "nccl"] = "auto"
+    backend: Backend = field(default="auto", metadata=choice(BACKENDS))
     """Process-group backend; ``"auto"``: nccl on CUDA, gloo otherwise."""
 
-    transport: Literal["torch", "mpi"] = "torch"
+    transport: TransportName = field(default="torch", metadata=choice(TRANSPORTS))
     """Collectives of the preconditioner: over torch.distributed or mpi4py (under mpirun)."""
 
-    timeout_s: float = 300.0
+    timeout_s: float = field(default=300.0, metadata=number(low=0.0, open_low=True))
     """Collective timeout in seconds, > 0."""
-
-    @classmethod
-    def parse(cls, data: object, path: str = "distributed") -> DistributedSpec:
-        """Check the ``distributed`` section of a job."""
-        s = Section(data, path, _keys(cls))
-        d = cls()
-        return cls(
-            backend=s.choice("backend", d.backend, BACKENDS),  # type: ignore[arg-type]
-            transport=s.choice("transport", d.transport, TRANSPORTS),  # type: ignore[arg-type]
-            timeout_s=s.number("timeout_s", d.timeout_s, low=0.0, open_low=True),
-        )
 
 
 @dataclass(frozen=True, kw_only=True)
-class DeepSpeedSpec:
+class DeepSpeedSpec(Spec):
     """Settings used when the job is launched with ``--launcher deepspeed``."""
 
-    zero_stage: int = 0
+    zero_stage: int = field(default=0, metadata=integer(minimum=0, maximum=3))
     """ZeRO stage 0 or 1 (optimizer states partitioned). Stages 2 and 3 partition gradients across
     ranks, so no rank holds a layer's full reduced gradient to precondition: rejected while the
     preconditioner is enabled. At launch (``ngd_dist.service.deepspeed_engine.check_job``) stage 3 is
     refused altogether, and stages >= 1 with the layer-wise optimizers lars and lamb."""
 
-    bf16: bool = False
+    bf16: bool = field(default=False, metadata=flag())
     """DeepSpeed's bf16 mode; requires precision.dtype bfloat16."""
-
-    @classmethod
-    def parse(cls, data: object, path: str = "deepspeed") -> DeepSpeedSpec:
-        """Check the ``deepspeed`` section of a job (the stage against the preconditioner: ``Job``)."""
-        s = Section(data, path, _keys(cls))
-        d = cls()
-        return cls(
-            zero_stage=s.integer("zero_stage", d.zero_stage, minimum=0, maximum=3),
-            bf16=s.flag("bf16", d.bf16),
-        )
 
 
 @dataclass(frozen=True, kw_only=True)
 class Job:
     """A whole training job: what to train, on what, how, and where its outputs go."""
 
-    seed: int = 0
+    seed: int = field(default=0, metadata=integer(minimum=0))
     """Seed of model initialisation and data order (and of the preconditioner unless it sets one)."""
 
-    name: str = "job"
+    name: str = field(
+        default="job", metadata=text(pattern=_NAME_PATTERN, expected="letters, digits, '.', '_', '-'")
+    )
     """Name of the job in logs, metrics and checkpoints: letters, digits, ``.``, ``_``, ``-``."""
 
-    model: ModelSpec = field(default_factory=ModelSpec)
-    data: DataSpec = field(default_factory=DataSpec)
-    batch: BatchSpec = field(default_factory=BatchSpec)
-    train: TrainSpec = field(default_factory=TrainSpec)
-    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec)
-    schedule: ScheduleSpec = field(default_factory=ScheduleSpec)
+    model: ModelSpec = field(default_factory=ModelSpec, metadata=SECTION)
+    data: DataSpec = field(default_factory=DataSpec, metadata=SECTION)
+    batch: BatchSpec = field(default_factory=BatchSpec, metadata=SECTION)
+    train: TrainSpec = field(default_factory=TrainSpec, metadata=SECTION)
+    optimizer: OptimizerSpec = field(default_factory=OptimizerSpec, metadata=SECTION)
+    schedule: ScheduleSpec = field(default_factory=ScheduleSpec, metadata=SECTION)
     preconditioner: PreconditionerSpec = field(default_factory=PreconditionerSpec)
-    precision: PrecisionSpec = field(default_factory=PrecisionSpec)
-    checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec)
-    metrics: MetricsSpec = field(default_factory=MetricsSpec)
-    distributed: DistributedSpec = field(default_factory=DistributedSpec)
-    deepspeed: DeepSpeedSpec = field(default_factory=DeepSpeedSpec)
+    """Read by :meth:`parse` after the other sections: its defaults come from ``seed`` and
+    ``distributed.transport``."""
+    precision: PrecisionSpec = field(default_factory=PrecisionSpec, metadata=SECTION)
+    checkpoint: CheckpointSpec = field(default_factory=CheckpointSpec, metadata=SECTION)
+    metrics: MetricsSpec = field(default_factory=MetricsSpec, metadata=SECTION)
+    distributed: DistributedSpec = field(default_factory=DistributedSpec, metadata=SECTION)
+    deepspeed: DeepSpeedSpec = field(default_factory=DeepSpeedSpec, metadata=SECTION)
 
     def kfac_config(self) -> KFACConfig | None:
-        """The preconditioner's ``KFACConfig``, or None when the preconditioner is disabled."""
-        return self.preconditioner.to_kfac_config() if self.preconditioner.enabled else None
+        """A copy of the preconditioner's ``KFACConfig``, or None when the preconditioner is disabled.
+
+        A copy, so that whatever the caller sets on it leaves the job as it was loaded.
+        """
+        return copy.copy(self.preconditioner.kfac) if self.preconditioner.enabled else None
 
     def lr_at(self, step: int) -> float:
         """Learning rate of the 0-based optimizer ``step`` under the schedule."""
-        return self.schedule.lr_at(step, base_lr=self.optimizer.lr, total_steps=self.train.steps)
+        return optim.lr_at(self.schedule, step, base_lr=self.optimizer.lr, total_steps=self.train.steps)
 
     @classmethod
     def parse(cls, data: object) -> Job:
@@ -571,27 +507,12 @@ class Job:
             data = {}
         if not isinstance(data, Mapping):
             raise JobError.invalid("", data, "a mapping of sections (model, data, batch, ...)")
-        top = Section(data, "", _keys(cls))
-        seed = top.integer("seed", cls.seed, minimum=0)
-        distributed = DistributedSpec.parse(data.get("distributed"))
-        job = cls(
-            seed=seed,
-            name=top.text("name", cls.name, pattern=_NAME_PATTERN, expected="letters, digits, '.', '_', '-'"),
-            model=ModelSpec.parse(data.get("model")),
-            data=DataSpec.parse(data.get("data")),
-            batch=BatchSpec.parse(data.get("batch")),
-            train=TrainSpec.parse(data.get("train")),
-            optimizer=OptimizerSpec.parse(data.get("optimizer")),
-            schedule=ScheduleSpec.parse(data.get("schedule")),
-            preconditioner=PreconditionerSpec.parse(
-                data.get("preconditioner"), seed=seed, transport=distributed.transport
-            ),
-            precision=PrecisionSpec.parse(data.get("precision")),
-            checkpoint=CheckpointSpec.parse(data.get("checkpoint")),
-            metrics=MetricsSpec.parse(data.get("metrics")),
-            distributed=distributed,
-            deepspeed=DeepSpeedSpec.parse(data.get("deepspeed")),
+        top = Section(data, "", yaml_keys(cls))
+        values = read_fields(cls, top)
+        values["preconditioner"] = PreconditionerSpec.parse(
+            data.get("preconditioner"), seed=values["seed"], transport=values["distributed"].transport
         )
+        job = cls(**values)
         job._check_across()
         return job
 
@@ -634,29 +555,11 @@ def job_from_dict(data: Mapping[str, Any], source: str = "<dict>") -> Job:
         raise err.with_source(source) from None
 
 
-def _to_plain(value: object) -> Any:
-    if isinstance(value, (list, tuple)):
-        return [_to_plain(v) for v in value]
-    if isinstance(value, Mapping):
-        return {k: _to_plain(v) for k, v in value.items()}
-    return value
-
-
 def job_to_dict(job: Job) -> dict[str, Any]:
     """The job as plain YAML types (fit for ``yaml.safe_dump``, logs and checkpoints).
 
-    Every key is written, defaults included; ``job_from_dict(job_to_dict(job)) == job``.
+    Every key is written, defaults included, the KFACConfig's dtypes by name and its options by
+    value; ``job_from_dict(job_to_dict(job)) == job``.
     """
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(job):
-        value = getattr(job, f.name)
-        if isinstance(value, PreconditionerSpec):
-            out[f.name] = {"enabled": value.enabled, **_to_plain(value.kfac)}
-        elif dataclasses.is_dataclass(value):
-            out[f.name] = {
-                g.metadata.get("key", g.name): _to_plain(getattr(value, g.name))
-                for g in dataclasses.fields(value)
-            }
-        else:
-            out[f.name] = value
+    out: dict[str, Any] = to_plain(job)
     return out

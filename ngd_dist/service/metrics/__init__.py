@@ -2,10 +2,22 @@
 
 from ngd_dist.service.metrics.exporter import (
     COMM_KINDS,
+    NONFINITE_GRADIENT,
+    NONFINITE_LOSS,
     PHASES,
+    SKIP_REASONS,
     MetricsExporter,
     MetricsPortError,
     PreconditionerLike,
 )
 
-__all__ = ["COMM_KINDS", "PHASES", "MetricsExporter", "MetricsPortError", "PreconditionerLike"]
+__all__ = [
+    "COMM_KINDS",
+    "NONFINITE_GRADIENT",
+    "NONFINITE_LOSS",
+    "PHASES",
+    "SKIP_REASONS",
+    "MetricsExporter",
+    "MetricsPortError",
+    "PreconditionerLike",
+]

@@ -9,18 +9,21 @@ and serves them over HTTP from a daemon thread on ``host:(port + local_rank)``:
   (or no step was seen yet but the exporter started less than ``stall_seconds`` ago), else
   ``503 stalled ...``.
 
-``port=0`` disables the exporter: no server is started and every call is a no-op.
+``port=0`` disables the exporter: no server is started and every call is a no-op. A ``host`` that
+is not a loopback address logs a warning at start-up: the endpoints are then reachable from other
+machines.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
 import statistics
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Protocol
 
@@ -50,8 +53,25 @@ PHASES: tuple[str, ...] = (
 COMM_KINDS: tuple[str, ...] = ("factors", "decompositions", "gradients", "preconditioned", "meta", "other")
 """The kind label values of ``ngd_communication_bytes_total`` (unknown kinds count as "other")."""
 
+NONFINITE_LOSS = "nonfinite_loss"
+"""A step skipped because the loss of at least one rank was NaN or infinite."""
+NONFINITE_GRADIENT = "nonfinite_gradient"
+"""A step skipped because the (averaged) gradients held NaN or inf (a GradScaler overflow too)."""
+SKIP_REASONS: tuple[str, ...] = (NONFINITE_LOSS, NONFINITE_GRADIENT)
+"""The reason label values of ``ngd_skipped_steps_total``: why every rank skipped a step."""
+
 RATE_WINDOW = 10
 """Steps over which ``ngd_samples_per_second`` and ``ngd_tokens_per_second`` are computed."""
+
+LISTEN_BACKLOG = 1024
+"""Connections the kernel queues for the metrics server until it accepts them (socketserver's default,
+5, dropped scrapes under a burst: 110 of 400 timed out). The kernel caps it at ``net.core.somaxconn``."""
+
+MAX_CONNECTIONS = 64
+"""Connections the metrics server serves at once, one thread each; more wait in the listen queue."""
+
+CONNECTION_TIMEOUT_S = 5.0
+"""Seconds a metrics connection may stall on one read or write before it is dropped."""
 
 _STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 _PHASE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0)
@@ -70,7 +90,6 @@ _STAT_COUNTERS: tuple[tuple[str, str, str], ...] = (
         "Decompositions that failed in the configured dtype and were retried in float64.",
     ),
     ("nonfinite_rejected", "nonfinite_rejected", "Factor statistics rejected for holding NaN or inf."),
-    ("skipped_steps", "skipped_steps", "Steps the GradScaler skipped (overflowed gradients)."),
     ("factor_refreshes", "factor_refreshes", "Steps whose statistics were folded into the running factors."),
 )
 
@@ -100,13 +119,72 @@ class PreconditionerLike(Protocol):
 
 
 class _Server(ThreadingHTTPServer):
+    """The exporter's HTTP server: a daemon thread per connection, at most ``MAX_CONNECTIONS`` at once.
+
+    A scrape holds its thread only while its own client talks, so a slow client delays no other
+    one (a single-threaded server would queue everyone behind it); the cap keeps a flood of
+    connections from creating threads without bound inside the training process: the accept loop
+    waits for a free slot and further connections wait in the kernel's listen queue
+    (``LISTEN_BACKLOG``). Answering ``/metrics`` takes a few milliseconds, so ``MAX_CONNECTIONS``
+    threads keep up with hundreds of concurrent scrapers; a stalled client frees its slot after
+    ``CONNECTION_TIMEOUT_S``.
+    """
+
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = LISTEN_BACKLOG
     exporter: MetricsExporter
+
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        """Bind and listen on ``address``; connections are answered by ``handler``."""
+        self._busy = 0
+        self._closing = False
+        self._changed = threading.Condition()
+        super().__init__(address, handler)
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """Start the connection's thread once a slot is free (drop the connection when closing)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._busy < MAX_CONNECTIONS or self._closing)
+            if self._closing:
+                self.shutdown_request(request)
+                return
+            self._busy += 1
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._release()
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve one connection in its own thread, then free its slot."""
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._release()
+
+    def shutdown(self) -> None:
+        """Stop the accept loop, also while it waits for a free slot."""
+        with self._changed:
+            self._closing = True
+            self._changed.notify_all()
+        super().shutdown()
+
+    def server_close(self) -> None:
+        """Close the listening socket, then wait (at most ``CONNECTION_TIMEOUT_S``) for open connections."""
+        super().server_close()
+        with self._changed:
+            self._changed.wait_for(lambda: self._busy == 0, timeout=CONNECTION_TIMEOUT_S)
+
+    def _release(self) -> None:
+        with self._changed:
+            self._busy -= 1
+            self._changed.notify_all()
 
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
+    timeout = CONNECTION_TIMEOUT_S
 
     def do_GET(self) -> None:
         """Answer ``/metrics`` and ``/healthz``; anything else is 404."""
@@ -149,8 +227,12 @@ class MetricsExporter:
         local_rank: int = 0,
         stall_seconds: float = 120.0,
         registry: CollectorRegistry | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         """Create the metrics and, unless ``port`` is 0, start serving them.
+
+        ``clock`` (monotonic seconds) times stalls for ``/healthz`` and the age of the last
+        checkpoint; a test passes one it advances by hand instead of sleeping.
 
         Raises:
             MetricsPortError: ``host:(port + local_rank)`` is already taken.
@@ -162,8 +244,9 @@ class MetricsExporter:
         self.port = port + local_rank if self.enabled else 0
         self.stall_seconds = stall_seconds
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self._clock = clock
         self._lock = threading.Lock()
-        self._started = time.monotonic()
+        self._started = clock()
         self._last_step: int | None = None
         self._last_advance = self._started
         self._checkpoint_at = self._started
@@ -211,7 +294,7 @@ class MetricsExporter:
         """
         if not self.enabled:
             return
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             if self._last_step is None or step != self._last_step:
                 self._last_advance = now
@@ -240,6 +323,20 @@ class MetricsExporter:
                     log.warning("metrics: unknown phase %r dropped (known: %s)", name, ", ".join(PHASES))
                 continue
             child.observe(max(float(value), 0.0))
+
+    def observe_skipped_step(self, *, reason: str, loss: float | None = None) -> None:
+        """Record a step every rank skipped (``ngd_skipped_steps_total{reason}``), and its loss, if known.
+
+        The loss gauge shows it (NaN or inf, so the NgdNonFiniteLoss alert sees it); the step
+        counter and ``/healthz`` do not advance. ``reason`` is one of :data:`SKIP_REASONS`.
+        """
+        if not self.enabled:
+            return
+        if reason not in self._skipped:
+            raise ValueError(f"reason: got {reason!r}; expected one of {', '.join(SKIP_REASONS)}")
+        self._skipped[reason].inc()
+        if loss is not None:
+            self._loss.set(float(loss))
 
     def observe_job(self, *, samples: int, tokens: int = 0, seconds: float) -> None:
         """Record one step's job-wide totals (exported by rank 0 only; a no-op elsewhere).
@@ -300,11 +397,11 @@ class MetricsExporter:
     def mark_checkpoint(self) -> None:
         """Record that a checkpoint was just written (resets ``ngd_seconds_since_checkpoint``)."""
         with self._lock:
-            self._checkpoint_at = time.monotonic()
+            self._checkpoint_at = self._clock()
 
     def health(self) -> tuple[bool, str]:
         """Whether the rank is healthy, and the ``/healthz`` body text."""
-        now = time.monotonic()
+        now = self._clock()
         with self._lock:
             step, since = self._last_step, now - self._last_advance
         if since < self.stall_seconds:
@@ -382,6 +479,14 @@ class MetricsExporter:
         )
         self._comm_children = {kind: comm.labels(rank=rank, kind=kind) for kind in COMM_KINDS}
         self._stat_counters = {field: counter(f"ngd_{suffix}", doc) for field, suffix, doc in _STAT_COUNTERS}
+        skipped = Counter(
+            "ngd_skipped_steps",
+            "Steps skipped on every rank (no optimizer, preconditioner or schedule step) because a rank's "
+            "loss or the gradients were not finite, by reason.",
+            ["rank", "reason"],
+            registry=reg,
+        )
+        self._skipped = {reason: skipped.labels(rank=rank, reason=reason) for reason in SKIP_REASONS}
         self._damping = gauge("ngd_damping", "Damping used at the last preconditioner step.")
         self._kl_scale = gauge(
             "ngd_kl_clip_scale", "KL-clip scale applied at the last step (1 when it did not bind)."
@@ -428,7 +533,7 @@ class MetricsExporter:
 
     def _seconds_since_checkpoint(self) -> float:
         with self._lock:
-            return time.monotonic() - self._checkpoint_at
+            return self._clock() - self._checkpoint_at
 
     def _serve(self) -> None:
         try:
@@ -443,6 +548,14 @@ class MetricsExporter:
         self._server = server
         if self.port == 0 or server.server_address[1] != self.port:
             self.port = int(server.server_address[1])
+        bound = str(server.server_address[0])
+        if not ipaddress.ip_address(bound).is_loopback:
+            log.warning(
+                "metrics: serving /metrics and /healthz on %s:%d (metrics.host %s is not a loopback "
+                "address): they are reachable from other machines; set metrics.host to 127.0.0.1 to keep "
+                "them local",
+                bound, self.port, self.host,
+            )  # fmt: skip
         self._thread = threading.Thread(
             target=server.serve_forever,
             name=f"ngd-metrics-{self.rank}",
