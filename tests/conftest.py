@@ -5,7 +5,10 @@ One torch thread: the tensors are tiny, threads only add overhead (and contend o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
 from itertools import pairwise
 
 import pytest
@@ -13,6 +16,26 @@ import torch
 from torch import Tensor, nn
 
 torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def scratch_tmpdir() -> Iterator[str]:
+    """A TMPDIR for every process the tests start, removed at the end of the session.
+
+    A test that SIGKILLs a launch (on purpose, or on its timeout) leaves the launch no chance to remove
+    its private folder; with this, nothing of the suite's jobs stays in /tmp.
+    """
+    scratch = tempfile.mkdtemp(prefix="ngd-tests-")
+    before = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = scratch
+    try:
+        yield scratch
+    finally:
+        if before is None:
+            os.environ.pop("TMPDIR", None)
+        else:
+            os.environ["TMPDIR"] = before
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def _tanh_mlp(*widths: int, seed: int | None = None, dtype: torch.dtype = torch.float32) -> nn.Sequential:

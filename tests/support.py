@@ -196,3 +196,16 @@ def assert_same_params(got: dict[str, torch.Tensor], want: dict[str, torch.Tenso
     assert got.keys() == want.keys(), what
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=0, msg=f"{what}: {name}")
+
+
+class FakeClock:
+    """A time source that moves only when told to (for clocks injected into the code under test)."""
+
+    def __init__(self, start: float = 0.0) -> None:
+        self.now = start
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds

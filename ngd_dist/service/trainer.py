@@ -301,7 +301,16 @@ class Worker:
     # -- training ------------------------------------------------------------------------------
 
     def _loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+        flat = logits.reshape(-1, logits.shape[-1]).float()
+        try:
+            return F.cross_entropy(flat, targets.reshape(-1))
+        except IndexError as exc:  # a label outside [0, classes): bad data, not a bug (no per-step check)
+            classes = flat.shape[-1]
+            raise JobError(
+                f"data: a label does not fit the model's {classes} outputs ({exc}); "
+                f"expected labels in [0, {classes})",
+                path="data",
+            ) from exc
 
     def train_step(self, x: Tensor, y: Tensor, *, stop: bool = False) -> StepOutcome:
         """One optimizer step over ``batch.accumulation`` micro-batches, unless it is skipped.

@@ -12,6 +12,7 @@ from torch import nn
 
 from ngd_dist import KFACConfig, KFACPreconditioner
 from ngd_dist.kfac.timing import PhaseClock
+from tests.support import FakeClock
 
 PRECONDITIONER_PHASES = {
     "gradient_communication",
@@ -22,21 +23,10 @@ PRECONDITIONER_PHASES = {
 }
 
 
-class FakeTime:
-    """A time source that moves only when told to."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 def test_time_in_a_nested_phase_counts_in_that_phase_only() -> None:
-    time = FakeTime()
+    time = FakeClock()
     clock = PhaseClock(now=time)
     with clock("step"):
         time.advance(1)
@@ -51,7 +41,7 @@ def test_time_in_a_nested_phase_counts_in_that_phase_only() -> None:
 
 
 def test_take_returns_the_seconds_since_the_last_take_and_totals_keep_adding_up() -> None:
-    time = FakeTime()
+    time = FakeClock()
     clock = PhaseClock(now=time)
     for _ in range(2):  # two micro-batches: a phase entered twice adds up
         with clock("forward"):
@@ -73,7 +63,7 @@ def test_take_returns_the_seconds_since_the_last_take_and_totals_keep_adding_up(
 
 
 def test_a_phase_that_raises_is_still_counted_and_closed() -> None:
-    time = FakeTime()
+    time = FakeClock()
     clock = PhaseClock(now=time)
 
     def overflow() -> None:

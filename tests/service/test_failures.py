@@ -167,7 +167,7 @@ def _assert_one_line_failure(ended: Ended, code: int, *needles: str) -> None:
     [
         ("torchrun", "raise_on_rank", ExitCode.BAD_INPUT, "no data for rank 1"),
         ("torchrun", "empty_on_rank", ExitCode.BAD_INPUT, "non-zero first dimension"),
-        ("torchrun", "bad_label_on_rank", ExitCode.INTERNAL, "Target 10 is out of bounds"),
+        ("torchrun", "bad_label_on_rank", ExitCode.BAD_INPUT, "Target 10 is out of bounds"),
         ("mpirun", "raise_on_rank", ExitCode.BAD_INPUT, "no data for rank 1"),
         pytest.param("deepspeed", "raise_on_rank", ExitCode.BAD_INPUT, "no data for rank 1",
                      marks=pytest.mark.slow),

@@ -14,20 +14,7 @@ from torch import nn
 from ngd_dist import KFACConfig, KFACPreconditioner
 from ngd_dist.service.metrics import MetricsExporter, MetricsPortError
 from ngd_dist.testing.distributed import free_port
-from tests.support import http_get
-
-
-class Clock:
-    """A monotonic clock that moves only when told (binary fractions keep differences exact)."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.support import FakeClock, http_get
 
 
 def scrape(exporter: MetricsExporter) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -46,12 +33,12 @@ def value(samples: dict, name: str, **labels: str) -> float:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock:
+    return FakeClock(1000.0)
 
 
 @pytest.fixture
-def exporter(clock: Clock) -> Iterator[MetricsExporter]:
+def exporter(clock: FakeClock) -> Iterator[MetricsExporter]:
     ex = MetricsExporter(rank=3, world_size=4, port=free_port(), clock=clock)
     try:
         yield ex
@@ -59,7 +46,7 @@ def exporter(clock: Clock) -> Iterator[MetricsExporter]:
         ex.close()
 
 
-def test_observe_step_values_and_rank_label(exporter: MetricsExporter, clock: Clock) -> None:
+def test_observe_step_values_and_rank_label(exporter: MetricsExporter, clock: FakeClock) -> None:
     clock.advance(2.5)
     before = time.time()
     for step in range(1, 4):
@@ -92,7 +79,7 @@ def test_observe_step_values_and_rank_label(exporter: MetricsExporter, clock: Cl
     assert all(dict(labels).get("rank") == "3" for _, labels in s)
 
 
-def test_seconds_since_checkpoint_computed_at_scrape(exporter: MetricsExporter, clock: Clock) -> None:
+def test_seconds_since_checkpoint_computed_at_scrape(exporter: MetricsExporter, clock: FakeClock) -> None:
     clock.advance(0.75)
     assert value(scrape(exporter), "ngd_seconds_since_checkpoint") == 0.75
     exporter.mark_checkpoint()
@@ -193,7 +180,7 @@ def test_preconditioner_counters_are_monotonic(exporter: MetricsExporter, tanh_m
     )
 
 
-def test_healthz_goes_stalled_and_recovers(clock: Clock) -> None:
+def test_healthz_goes_stalled_and_recovers(clock: FakeClock) -> None:
     ex = MetricsExporter(rank=3, world_size=4, port=free_port(), stall_seconds=2.0, clock=clock)
     try:
         health = ex.url + "/healthz"
