@@ -111,6 +111,18 @@ def _load(config: str, overrides: list[str]) -> Job:
     return load_job(config, overrides)
 
 
+def _loopback(address: str) -> bool:
+    """Whether ``address`` names this machine only (``localhost``, 127.0.0.0/8, ``::1``)."""
+    import ipaddress
+
+    if address.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(address).is_loopback
+    except ValueError:  # a host name: resolved on each node, not ours to judge
+        return False
+
+
 def _exit_codes() -> list[tuple[type[BaseException], int]]:
     """The errors a worker reports as one line with a documented exit code, most specific first.
 
@@ -232,6 +244,13 @@ def main(argv: list[str] | None = None) -> int:
                 raise JobError(
                     f"--hostfile: {args.launcher} over several nodes needs a hostfile "
                     "(launch/hostfile.example)"
+                )
+            several_nodes = args.nnodes > 1 and args.launcher in ("torchrun", "deepspeed")
+            if several_nodes and _loopback(args.master_addr):
+                raise JobError(
+                    f"--master-addr: got {args.master_addr!r} with --nnodes {args.nnodes}; expected the "
+                    "address of node 0 that every node can reach (a loopback address makes the other "
+                    "nodes wait forever)"
                 )
             if args.launcher == "deepspeed":
                 from ngd_dist.service.deepspeed_engine import check_job

@@ -68,6 +68,25 @@ def test_launch_dry_run_prints_the_launcher_command(launcher: str) -> None:
     assert ("--nproc-per-node 2" in line) if launcher == "torchrun" else ("-np 2" in line)
 
 
+@pytest.mark.parametrize("address", ["127.0.0.1", "localhost", "127.0.1.1", "::1"])
+def test_a_multi_node_launch_with_a_loopback_master_is_refused_in_one_line(address: str) -> None:
+    proc = run_cli("launch", QUICK, "--nproc", "2", "--nnodes", "2", "--node-rank", "0",
+                   "--master-addr", address, "--dry-run")  # fmt: skip
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stdout == "", proc.stdout  # no command printed that would hang the other nodes
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "--master-addr" in lines[0]
+    assert address in lines[0]
+
+
+def test_a_multi_node_launch_with_a_reachable_master_prints_its_command() -> None:
+    proc = run_cli("launch", QUICK, "--nproc", "2", "--nnodes", "2", "--node-rank", "1",
+                   "--master-addr", "10.0.0.1", "--dry-run")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "--master-addr 10.0.0.1" in proc.stdout or "--master_addr 10.0.0.1" in proc.stdout, proc.stdout
+
+
 def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path: Path) -> None:
     common = sets("checkpoint.every=10", "train.log_every=10", "metrics.port=0")
     full = run_cli("train", QUICK, *common, *sets(f"checkpoint.dir={tmp_path / 'full'}", "train.steps=30"))
