@@ -219,7 +219,7 @@ class KFACPreconditioner:
         """Payload bytes this rank handed to collectives, by kind, since construction."""
         return dict(self.collectives.bytes)
 
-    def step(self) -> bool:
+    def step(self, *, checked_finite: bool = False) -> bool:
         """Refresh what is due; replace each registered layer's ``.grad`` by its natural gradient.
 
         Returns True when it did. Returns False, as ``GradScaler.step`` skips, when the model's
@@ -234,10 +234,14 @@ class KFACPreconditioner:
         factor and the remedies) when a factor has failed to decompose
         ``config.max_failed_decompositions`` times in a row; every rank learns of it with the next
         step's statistics and raises at that same step.
+
+        ``checked_finite``: the caller has already established, on every rank, that the gradients
+        are finite (the service folds that check into its per-step all-reduce); the check is not
+        repeated.
         """
         with self.clock("gradient_communication"):
             self._average_gradients()
-        if not self._gradients_finite():
+        if not checked_finite and not self._gradients_finite():
             self.stats.skipped_steps += 1
             self._grad_norm_sq = math.nan
             self.discard_step()

@@ -326,7 +326,8 @@ class Worker:
         else:
             loss = self._backward(x, y)
         outcome = self._agree(loss, stop=stop, samples=x.shape[0], tokens=self._tokens(y))
-        if outcome.skipped is None and p.precond is not None and not p.precond.step():
+        checked = p.engine is None  # DDP averaged the gradients that _agree found finite on every rank
+        if outcome.skipped is None and p.precond is not None and not p.precond.step(checked_finite=checked):
             outcome = dataclasses.replace(
                 outcome, skipped=NONFINITE_GRADIENT, why="non-finite gradients once averaged over the ranks"
             )
