@@ -71,7 +71,8 @@ def _skipped(summary: str) -> dict[str, int]:
 def _one_line_error(stderr: str, *needles: str) -> str:
     """The worker's error line (``ngd-dist train: ...``) holding every needle; no traceback anywhere."""
     assert "Traceback" not in stderr, stderr[-4000:]
-    lines = [line for line in stderr.splitlines() if line.startswith("ngd-dist train:")]
+    # from its start: rank 0's progress bar may precede it on the same line (no newline between)
+    lines = [line[line.index("ngd-dist train:"):] for line in stderr.splitlines() if "ngd-dist train:" in line]
     assert lines, stderr[-4000:]
     for needle in needles:
         assert needle in lines[0], lines[0]

@@ -91,7 +91,8 @@ def _start(
     def read(stream: object, into: list[str], watch: bool) -> None:
         for line in stream:  # type: ignore[attr-defined]
             into.append(line)
-            if watch and not first_failure and line.startswith("ngd-dist train: rank "):
+            # anywhere in the line: rank 0's progress bar may precede it without a newline
+            if watch and not first_failure and "ngd-dist train: rank " in line:
                 first_failure.append(time.monotonic())
 
     readers = [
