@@ -12,6 +12,7 @@ from ngd_dist.kfac import (
     KFACStats,
     exact_ief_direction,
     per_sample_gradients,
+    register_layer_type,
 )
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "KFACStats",
     "exact_ief_direction",
     "per_sample_gradients",
+    "register_layer_type",
 ]
 
 __version__ = "0.1.0"

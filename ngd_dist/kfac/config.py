@@ -20,6 +20,8 @@ from typing import TypeVar
 
 import torch
 
+from ngd_dist.kfac.curvature.types import BUILTIN_TYPES, layer_type_names
+
 _C = TypeVar("_C", bound="Choice")
 
 
@@ -117,7 +119,11 @@ class Transport(Choice):
     MPI = "mpi"
 
 
-LAYER_TYPES: tuple[str, ...] = ("Linear", "Conv2d", "Embedding")
+LAYER_TYPES: tuple[str, ...] = BUILTIN_TYPES
+"""The built-in layer types (see :mod:`ngd_dist.kfac.curvature.types`)."""
+
+NORM_TYPES: tuple[str, ...] = ("LayerNorm", "RMSNorm", "BatchNorm", "GroupNorm")
+"""The normalisation types, preconditioned with an element-wise curvature."""
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -201,8 +207,18 @@ class KFACConfig:
     previous decomposition is kept each time) after which ``step()`` raises ``DecompositionError``
     naming the layer and factor, on every rank; >= 1."""
 
-    layer_types: tuple[str, ...] = LAYER_TYPES
-    """Module types to precondition: any of ``"Linear"``, ``"Conv2d"``, ``"Embedding"``."""
+    layer_types: tuple[str, ...] | None = None
+    """Module types to precondition, by name: ``"Linear"``, ``"Conv1D"`` (Hugging Face GPT-2),
+    ``"Conv2d"``, ``"Embedding"`` (Kronecker-factored), ``"LayerNorm"``, ``"RMSNorm"``,
+    ``"BatchNorm"``, ``"GroupNorm"`` (element-wise curvature of scale and shift), and any type
+    registered with :func:`ngd_dist.kfac.register_layer_type`. None (the default): every known type,
+    resolved when the config is built. Leave the normalisation types out to leave them to the base
+    optimizer."""
+
+    max_factor_dim: int = 8192
+    """A factor with a side above this is kept diagonal (its diagonal only: memory and decomposition
+    linear in the side instead of quadratic and cubic), so a 50k-token vocabulary head costs
+    megabytes, not gigabytes. See docs/curvature.md for how the default was chosen."""
 
     include: tuple[str, ...] = ()
     """Regular expressions; when given, only modules whose qualified name matches one are used."""
@@ -213,6 +229,12 @@ class KFACConfig:
     output_module: str | None = None
     """Qualified name of the module whose output are the logits (marked automatically on every
     forward); or call ``KFACPreconditioner.mark_output(logits)`` after each forward."""
+
+    infer_ignored_rows: bool = True
+    """Rows of the marked logits whose gradient is exactly zero are taken for rows the loss ignores
+    (``ignore_index`` tokens, padding): they add nothing to G, to the iEF weights or to the row
+    counts (``ef`` and ``ief``; an explicit ``mark_output(logits, mask=...)`` wins). Turn it off for
+    a loss whose mean counts such rows."""
 
     ief_floor: float = 1e-12
     """Floor on s_n = ||dl_n/dz_n||^2 (per-sample units, see docs): iEF weights are 1/max(s_n,
@@ -290,16 +312,22 @@ class KFACConfig:
         self.max_failed_decompositions = _check_int(
             "max_failed_decompositions", self.max_failed_decompositions, 1
         )
+        known = layer_type_names()
+        if self.layer_types is None:
+            self.layer_types = known
         self.layer_types = self._names("layer_types", self.layer_types)
         for t in self.layer_types:
-            if t not in LAYER_TYPES:
-                raise _fail("layer_types", t, f"names from {', '.join(LAYER_TYPES)}")
+            if t not in known:
+                raise _fail("layer_types", t, f"names from {', '.join(known)}")
+        self.max_factor_dim = _check_int("max_factor_dim", self.max_factor_dim, 1)
         self.include = self._patterns("include", self.include)
         self.skip = self._patterns("skip", self.skip)
         if self.output_module is not None and (
             not isinstance(self.output_module, str) or not self.output_module
         ):
             raise _fail("output_module", self.output_module, "a module name or None")
+        if not isinstance(self.infer_ignored_rows, bool):
+            raise _fail("infer_ignored_rows", self.infer_ignored_rows, "true or false")
         self.ief_floor = _check_float("ief_floor", self.ief_floor, 0.0, 1.0, open_low=True)
         self.loss_reduction = LossReduction.parse("loss_reduction", self.loss_reduction)
         self.seed = _check_int("seed", self.seed, 0)

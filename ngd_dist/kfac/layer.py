@@ -61,12 +61,25 @@ class Factor:
 
 @dataclass
 class KFACLayer:
-    """One registered module: its maths helper and its two factors."""
+    """One registered module: its maths helper, its two factors and which of them are diagonal."""
 
     name: str
     module: nn.Module
     math: ModuleMath
+    kind: str = ""
+    """The layer type's name (``"Linear"``, ``"Conv1D"``, ``"LayerNorm"`` ...)."""
+    diagonal_a: bool = False
+    """A is kept as its diagonal (a vector): always for embeddings and element-wise layers, and
+    when its side is above ``KFACConfig.max_factor_dim``."""
+    diagonal_g: bool = False
+    """G is kept as its diagonal (element-wise layers, or a side above ``max_factor_dim``)."""
+    tied: tuple[str, ...] = ()
+    """Other modules that use this layer's weight (preconditioned here once, see select.py)."""
     factors: dict[str, Factor] = field(default_factory=lambda: {"a": Factor(), "g": Factor()})
+
+    def diagonal(self, factor: str) -> bool:
+        """Whether ``factor`` ("a" or "g") is kept as a vector."""
+        return self.diagonal_a if factor == "a" else self.diagonal_g
 
     @property
     def a_dim(self) -> int:
@@ -80,9 +93,8 @@ class KFACLayer:
 
     def shape(self, factor: str) -> tuple[int, ...]:
         """Shape of a factor's running average."""
-        if factor == "a":
-            return (self.a_dim,) if self.math.diagonal_a else (self.a_dim, self.a_dim)
-        return (self.g_dim, self.g_dim)
+        side = self.a_dim if factor == "a" else self.g_dim
+        return (side,) if self.diagonal(factor) else (side, side)
 
     @property
     def pending_a(self) -> Pending:

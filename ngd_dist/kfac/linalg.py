@@ -3,7 +3,8 @@
 Each factor is decomposed on its own, so the two factors of a layer may be decomposed on different
 ranks. Two forms, chosen by ``KFACConfig.method``:
 
-- ``"eigen"``: :class:`Eigen` holds ``X = Q diag(v) Q^T`` (``Q`` is None for a diagonal factor).
+- ``"eigen"``: :class:`Eigen` holds ``X = Q diag(v) Q^T`` (``Q`` is None for a diagonal factor,
+  which either of A and G may be).
   With both factors in this form, :func:`precondition` applies ``(G (x) A + lambda I)^-1`` exactly:
   ``P = Q_G [ (Q_G^T M Q_A) / (v_G v_A^T + lambda) ] Q_A^T``. Damping is applied at every step, so a
   damping schedule acts between decompositions.
@@ -155,17 +156,20 @@ def decompose(x: Tensor, method: str, shift: float, dtype: torch.dtype) -> tuple
 def precondition(a: Decomposition, g: Decomposition, m: Tensor, damping: float) -> Tensor:
     """Apply the preconditioner of one layer to its ``(g_dim, a_dim)`` gradient matrix ``m``."""
     if isinstance(a, Eigen) and isinstance(g, Eigen):
-        assert g.q is not None
-        x = g.q.t() @ m.to(g.q.dtype)
+        x = m.to(g.v.dtype)
+        if g.q is not None:
+            x = g.q.t() @ x
         if a.q is not None:
             x = x @ a.q
         x = x / (torch.outer(g.v, a.v) + damping)
-        x = g.q @ x
+        if g.q is not None:
+            x = g.q @ x
         if a.q is not None:
             x = x @ a.q.t()
         return x.to(m.dtype)
     if isinstance(a, Inverse) and isinstance(g, Inverse):
-        x = g.inv @ m.to(g.inv.dtype)
+        x = m.to(g.inv.dtype)
+        x = g.inv.unsqueeze(1) * x if g.inv.dim() == 1 else g.inv @ x
         x = x * a.inv if a.inv.dim() == 1 else x @ a.inv
         return x.to(m.dtype)
     raise TypeError("both factors of a layer must be decomposed with the same method")

@@ -50,8 +50,9 @@ from ngd_dist.kfac.distributed.assignment import LayerShape, grad_workers_for, m
 from ngd_dist.kfac.distributed.buckets import Collectives, Layout, Slot
 from ngd_dist.kfac.distributed.comm import Communicator, default_communicator
 from ngd_dist.kfac.distributed.wire import decomposition_slots, decomposition_tensors, received_decomposition
-from ngd_dist.kfac.layer import FACTORS, Factor
+from ngd_dist.kfac.layer import FACTORS, Factor, KFACLayer
 from ngd_dist.kfac.linalg import DecompositionError, decompose, inverse_shifts, precondition
+from ngd_dist.kfac.memory import available_bytes, factor_memory, gib
 from ngd_dist.kfac.refresh import AdaptiveInterval, AdaptiveSchedule, FixedSchedule, Schedule, relative_change
 from ngd_dist.kfac.select import register_layers
 from ngd_dist.kfac.state import check_factors_state, factors_state, load_factors_state
@@ -102,7 +103,9 @@ class KFACStats:
 
 
 class KFACPreconditioner:
-    """K-FAC natural gradients for a model's Linear / Conv2d / Embedding layers.
+    """K-FAC natural gradients for a model's layers: Linear, Hugging Face Conv1D, Conv2d and Embedding
+    (Kronecker-factored), normalisation layers (element-wise), and types registered with
+    :func:`~ngd_dist.kfac.register_layer_type`; :meth:`summary` shows what was done with each.
 
     Replaces their gradients by preconditioned ones under the EF, sampled-Fisher or iEF curvature
     (see :class:`KFACConfig`), on one process or spread over the ranks of a data-parallel job.
@@ -146,11 +149,11 @@ class KFACPreconditioner:
         if not self.layers:
             raise ValueError(
                 "KFACConfig.layer_types/include/skip: no module of the model can be preconditioned "
-                f"(left out: {self.skipped or 'no Linear, Conv2d or Embedding modules'})"
+                f"(left out: {self.skipped or 'no module of a known type'})"
             )
         self._by_name = {layer.name: layer for layer in self.layers}
         self.device = self.layers[0].math.params(self.layers[0].module)[0].device
-        shapes = [LayerShape(la.name, la.a_dim, la.g_dim, la.math.diagonal_a) for la in self.layers]
+        shapes = [LayerShape(la.name, la.a_dim, la.g_dim, la.diagonal_a, la.diagonal_g) for la in self.layers]
         world = self.comm.world_size
         grad_workers = grad_workers_for(self.config.placement, world, self.config.grad_worker_fraction)
         self.plan = make_plan(shapes, world, self.config.assignment, grad_workers)
@@ -158,6 +161,16 @@ class KFACPreconditioner:
         rows = [self.plan.row_ranks(j) for j in range(grad_workers)]
         self._column = self.collectives.on(self.comm.split(columns))
         self._row = self.collectives.on(self.comm.split(rows))
+        self.memory = factor_memory(
+            self.layers,
+            self.plan,
+            self.comm.rank,
+            factor_dtype=self.config.factor_dtype,
+            inverse_dtype=self.config.inverse_dtype,
+            eigen=self.config.method == "eigen",
+        )
+        """Bytes of factors and decompositions this rank holds (see :mod:`ngd_dist.kfac.memory`)."""
+        self._check_memory(available_bytes(self.device))
         self.schedule: Schedule = self._make_schedule()
         wide = self.config.factor_dtype == torch.float64
         self._comm_dtype: torch.dtype = torch.float64 if wide else self.config.comm_dtype
@@ -176,14 +189,26 @@ class KFACPreconditioner:
 
     # -- public --------------------------------------------------------------------------------
 
-    def mark_output(self, logits: Tensor) -> None:
+    def mark_output(self, logits: Tensor, mask: Tensor | None = None) -> None:
         """Declare the model's output logits of the forward pass just run (needed by "mc"/"ief").
 
         Call it after the forward pass and before ``backward``, once per micro-batch; it does
         nothing on steps that do not refresh the factors. ``KFACConfig.output_module`` does the
-        same automatically for a named head module.
+        same automatically for a named head module. ``mask`` (bool, the logits' leading shape):
+        the rows the loss counts; rows where it is False (``ignore_index`` tokens, padding) add
+        nothing to the curvature. Without it, rows whose logit gradient is exactly zero are left
+        out (``KFACConfig.infer_ignored_rows``).
         """
-        self.capture.mark_output(logits)
+        self.capture.mark_output(logits, mask)
+
+    def mask_rows(self, mask: Tensor) -> None:
+        """Give the row mask of the logits marked automatically by ``KFACConfig.output_module``.
+
+        Call it after the forward pass and before ``backward``: e.g. ``labels != -100`` (shifted as
+        the loss shifts them). With ``curvature="mc"`` the labels are drawn when the logits are
+        marked, so pass the mask to :meth:`mark_output` instead.
+        """
+        self.capture.mask_rows(mask)
 
     @property
     def factor_step(self) -> bool:
@@ -213,6 +238,44 @@ class KFACPreconditioner:
         shared with the caller, the caller's phases too.
         """
         return self.clock.totals
+
+    @property
+    def coverage(self) -> float:
+        """The fraction of the model's trainable parameters (each shared one counted once) that
+        are preconditioned; the rest follow the base optimizer's plain gradients.
+        """
+        trainable = {id(p): p.numel() for p in self.model.parameters() if p.requires_grad}
+        covered = {id(p) for la in self.layers for p in la.math.params(la.module)}
+        total = sum(trainable.values())
+        return sum(n for i, n in trainable.items() if i in covered) / total if total else 0.0
+
+    def summary(self) -> str:
+        """A table of what is preconditioned and how: each layer with its type, parameters, factor
+        shapes (``diag`` for a diagonal one) and the weights it shares, the memory of factors and
+        decompositions on this rank, the coverage, and every module left out with its reason.
+        """
+        c = self.config
+        params = {la.name: sum(p.numel() for p in la.math.params(la.module)) for la in self.layers}
+        lines = [
+            f"K-FAC ({c.curvature}, {c.method}): {len(self.layers)} layers preconditioned, "
+            f"{self.coverage:.1%} of trainable parameters; on rank {self.comm.rank}: "
+            f"{gib(self.memory.factors)} of factors, {gib(self.memory.decompositions)} of decompositions"
+        ]
+        width = max(len(la.name) for la in self.layers)
+
+        def side(la: KFACLayer, f: str) -> str:
+            n = la.a_dim if f == "a" else la.g_dim
+            return f"diag {n}" if la.diagonal(f) else f"{n}x{n}"
+
+        for la in self.layers:
+            tied = f"  tied: {', '.join(la.tied)}" if la.tied else ""
+            lines.append(
+                f"  {la.name:<{width}}  {la.kind:<10} {params[la.name]:>10,} params  "
+                f"A {side(la, 'a'):<11} G {side(la, 'g'):<11}{tied}"
+            )
+        for name, reason in self.skipped.items():
+            lines.append(f"  left out: {name}: {reason}")
+        return "\n".join(lines)
 
     @property
     def comm_bytes(self) -> dict[str, int]:
@@ -346,6 +409,18 @@ class KFACPreconditioner:
         self.capture.capturing = self._capturing_at(self.stats.steps)
 
     # -- set-up --------------------------------------------------------------------------------
+
+    def _check_memory(self, available: int | None) -> None:
+        """Refuse to start when this rank's factors cannot fit in what the device has free."""
+        if available is None or self.memory.total <= available:
+            return
+        largest = max(self.layers, key=lambda la: max(la.a_dim, la.g_dim))
+        raise ValueError(
+            f"KFACConfig.max_factor_dim: the factors and decompositions need {gib(self.memory.total)} on "
+            f"rank {self.comm.rank}, more than the {gib(available)} free on {self.device}; lower "
+            f"max_factor_dim (now {self.config.max_factor_dim}; the largest layer is {largest.name!r}, "
+            f"{largest.g_dim}x{largest.a_dim}), leave large layers out with skip, or use more ranks"
+        )
 
     def _default_communicator(self) -> Communicator:
         if self.config.transport == "mpi":

@@ -23,13 +23,37 @@ class Net(nn.Module):
 
 def test_registration_lists_what_is_left_to_the_optimizer() -> None:
     pc = KFACPreconditioner(Net(), KFACConfig(kl_clip=None))
-    assert [layer.name for layer in pc.layers] == ["conv", "head"]
+    assert [layer.name for layer in pc.layers] == ["conv", "norm", "head"]
     assert "groups=2" in pc.skipped["grouped"]
-    assert "norm" not in pc.skipped  # not a supported type: silently the optimizer's
+
+
+def test_every_module_with_trainable_parameters_is_preconditioned_or_listed_with_a_reason() -> None:
+    class Odd(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(2))
+            self.frozen = nn.Linear(2, 2).requires_grad_(False)
+            self.conv3 = nn.Conv3d(1, 1, 1)
+
+    model = nn.Sequential(Net(), Odd())
+    model.cls = nn.Parameter(torch.zeros(2))
+    pc = KFACPreconditioner(model, KFACConfig(kl_clip=None, layer_types=("Conv2d", "Linear")))
+    assert [la.name for la in pc.layers] == ["0.conv", "0.head"]
+    assert pc.skipped["0.norm"] == "type LayerNorm not in layer_types"
+    assert "scale" in pc.skipped["1"] and "type Odd has no K-FAC form" in pc.skipped["1"]
+    assert "frozen" in pc.skipped["1.frozen"]
+    assert "type Conv3d has no K-FAC form" in pc.skipped["1.conv3"]
+    assert "cls" in pc.skipped["(model)"]
+    named = {n for n, _ in model.named_modules()} | {"(model)"}
+    owners = {la.name for la in pc.layers} | set(pc.skipped)
+    for name, module in model.named_modules():
+        if any(p.requires_grad for p in module.parameters(recurse=False)):
+            assert (name or "(model)") in owners, name
+    assert owners <= named
 
 
 def test_include_skip_and_types_select_layers() -> None:
-    pc = KFACPreconditioner(Net(), KFACConfig(kl_clip=None, skip=("^conv$",)))
+    pc = KFACPreconditioner(Net(), KFACConfig(kl_clip=None, skip=("^conv$", "norm")))
     assert [layer.name for layer in pc.layers] == ["head"]
     assert pc.skipped["conv"] == "matches a skip pattern"
     pc = KFACPreconditioner(Net(), KFACConfig(kl_clip=None, layer_types=("Conv2d",)))
@@ -40,7 +64,8 @@ def test_include_skip_and_types_select_layers() -> None:
 def test_unregistered_parameters_keep_their_gradient() -> None:
     torch.manual_seed(0)
     model = Net()
-    pc = KFACPreconditioner(model, KFACConfig(kl_clip=None, curvature="ief", output_module="head"))
+    config = KFACConfig(kl_clip=None, curvature="ief", output_module="head", layer_types=["Conv2d", "Linear"])
+    pc = KFACPreconditioner(model, config)
     x, y = torch.randn(6, 1, 6, 6), torch.randint(0, 3, (6,))
     F.cross_entropy(model(x), y).backward()
     before = {n: p.grad.clone() for n, p in model.named_parameters()}

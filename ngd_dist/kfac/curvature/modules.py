@@ -25,10 +25,20 @@ from torch import Tensor, nn
 
 
 class ModuleMath(ABC):
-    """Statistics and gradient layout of one module type."""
+    """Statistics and gradient layout of one module type: the interface a new layer type implements.
+
+    A Kronecker-factored layer computes ``y = W a`` per *row* (a sample, or a sample's token or
+    position); its gradient is handled as one ``(g_dim, a_dim)`` matrix. To precondition a module
+    type of your own, subclass this (or :class:`LinearMath`) and register it with
+    :func:`ngd_dist.kfac.register_layer_type`.
+    """
 
     diagonal_a: bool = False
-    """Whether A is diagonal (stored as a vector)."""
+    """Whether A is always diagonal (stored as a vector), as for an embedding."""
+
+    elementwise: bool = False
+    """Whether the layer has an element-wise (diagonal) curvature instead of two Kronecker factors
+    (normalisation layers: see :class:`ngd_dist.kfac.curvature.norms.ElementwiseMath`)."""
 
     @abstractmethod
     def a_dim(self, module: nn.Module) -> int:
@@ -39,8 +49,10 @@ class ModuleMath(ABC):
         """Side of the G factor."""
 
     @abstractmethod
-    def a_statistic(self, module: nn.Module, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
-        """Sum over rows of ``a a^T`` (or of ``a`` for a diagonal A), and the row count."""
+    def a_statistic(
+        self, module: nn.Module, x: Tensor, dtype: torch.dtype, *, diagonal: bool = False
+    ) -> tuple[Tensor, int]:
+        """Sum over rows of ``a a^T`` (or of ``a * a``, a vector, when ``diagonal``), and the row count."""
 
     @abstractmethod
     def g_rows(self, module: nn.Module, grad_output: Tensor) -> Tensor:
@@ -61,6 +73,10 @@ class ModuleMath(ABC):
     @abstractmethod
     def set_grad(self, module: nn.Module, matrix: Tensor) -> None:
         """Write a ``(g_dim, a_dim)`` matrix back into the parameters' ``.grad``."""
+
+    def unsupported(self, module: nn.Module) -> str | None:
+        """Why this module cannot be preconditioned after all (an unsupported option), or None."""
+        return None
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -87,31 +103,74 @@ def gram(rows: Tensor, dtype: torch.dtype) -> Tensor:
     return (x.t() @ x).to(acc) * n
 
 
-def g_statistic(g_rows: Tensor, weights: Tensor | None, scale: float, dtype: torch.dtype) -> Tensor:
-    """Sum over rows of ``w_r (c g_r)(c g_r)^T``, in the accumulation dtype.
+def square_sum(rows: Tensor, dtype: torch.dtype) -> Tensor:
+    """The diagonal of ``rows^T rows`` (column sums of squares), in the accumulation dtype."""
+    return rows.to(accumulation_dtype(dtype)).square().sum(dim=0)
+
+
+def second_moment(rows: Tensor, dtype: torch.dtype, diagonal: bool) -> Tensor:
+    """``rows^T rows``, or only its diagonal."""
+    return square_sum(rows, dtype) if diagonal else gram(rows, dtype)
+
+
+def weighted_rows(rows: Tensor, weights: Tensor | None, scale: float, dtype: torch.dtype) -> Tensor:
+    """``rows`` flattened to ``(-1, d)`` and scaled by ``c sqrt(w_r)``, in the accumulation dtype.
+
+    ``weights`` has the shape of a prefix of ``rows``' leading dims (one weight per sample, or per
+    token) and is broadcast over the rest.
+    """
+    d = rows.shape[-1]
+    flat = rows.reshape(-1, d).to(accumulation_dtype(dtype)) * scale
+    if weights is None:
+        return flat
+    lead = rows.shape[:-1]
+    if tuple(lead[: weights.dim()]) != tuple(weights.shape):
+        raise ValueError(
+            f"per-row weights of shape {tuple(weights.shape)} (the marked logits' leading dims) do not "
+            f"match a layer whose output rows have shape {tuple(lead)}: mark the logits of this "
+            "model's loss, whose leading dims must prefix every registered layer's"
+        )
+    w = weights.reshape(*weights.shape, *([1] * (len(lead) - weights.dim()))).expand(lead)
+    return flat * w.reshape(-1, 1).to(flat.dtype).sqrt()
+
+
+def weighted_count(samples: int, weights: Tensor | None) -> int:
+    """How many of ``samples`` a step's weights keep: rows of weight 0 (ignored tokens) do not count.
+
+    ``weights`` is one value per row of a prefix of the rows' leading dims; ``samples`` is a multiple
+    of its size (each weight row stands for the same number of samples).
+    """
+    if weights is None or weights.numel() == 0 or samples % weights.numel():
+        return samples
+    return samples // weights.numel() * int((weights > 0).sum())
+
+
+def g_statistic(
+    g_rows: Tensor, weights: Tensor | None, scale: float, dtype: torch.dtype, *, diagonal: bool = False
+) -> Tensor:
+    """Sum over rows of ``w_r (c g_r)(c g_r)^T`` (only its diagonal when ``diagonal``), accumulated wide.
 
     ``weights`` has the shape of a prefix of ``g_rows``' leading dims (one weight per sample, or per
     token) and is broadcast over the rest; ``scale`` c turns the captured gradients into per-sample
     units (see :class:`ngd_dist.KFACConfig.loss_reduction`). Rows are scaled by ``c sqrt(w_r)`` in
     float32 (or wider) before the product, so large iEF weights meet only small gradients.
     """
-    d = g_rows.shape[-1]
-    flat = g_rows.reshape(-1, d).to(accumulation_dtype(dtype)) * scale
-    if weights is not None:
-        lead = g_rows.shape[:-1]
-        if tuple(lead[: weights.dim()]) != tuple(weights.shape):
-            raise ValueError(
-                f"iEF weights of shape {tuple(weights.shape)} (the marked logits' leading dims) do not "
-                f"match a layer whose output rows have shape {tuple(lead)}: mark the logits of this "
-                "model's loss, whose leading dims must prefix every registered layer's"
-            )
-        w = weights.reshape(*weights.shape, *([1] * (len(lead) - weights.dim()))).expand(lead)
-        flat = flat * w.reshape(-1, 1).to(flat.dtype).sqrt()
-    return gram(flat, dtype)
+    return second_moment(weighted_rows(g_rows, weights, scale, dtype), dtype, diagonal)
 
 
 class _WeightBiasMath(ModuleMath):
-    """Layout shared by Linear and Conv2d: ``[weight.view(out, -1) | bias]``."""
+    """Layout shared by Linear and Conv2d: ``[weight.view(out, -1) | bias]``; A from input rows."""
+
+    @abstractmethod
+    def a_rows(self, module: nn.Module, x: Tensor) -> Tensor:
+        """The input as ``(rows, a_dim)`` rows ``a`` (with the bias column when there is a bias)."""
+
+    def a_statistic(
+        self, module: nn.Module, x: Tensor, dtype: torch.dtype, *, diagonal: bool = False
+    ) -> tuple[Tensor, int]:
+        """Sum of ``a a^T`` (or of ``a * a``) over all rows."""
+        a = self.a_rows(module, x)
+        return second_moment(a, dtype, diagonal), a.shape[0]
 
     def params(self, module: nn.Module) -> list[Tensor]:
         """Weight and bias."""
@@ -119,45 +178,51 @@ class _WeightBiasMath(ModuleMath):
         assert isinstance(weight, Tensor)
         return [weight] + ([bias] if isinstance(bias, Tensor) else [])
 
+    def weight_matrix(self, grad: Tensor) -> Tensor:
+        """A weight-shaped tensor as its ``(out, in)`` matrix."""
+        return grad.reshape(grad.shape[0], -1)
+
+    def weight_shaped(self, matrix: Tensor, weight: Tensor) -> Tensor:
+        """An ``(out, in)`` matrix back in the weight's layout."""
+        return matrix.reshape(weight.shape)
+
     def grad_matrix(self, module: nn.Module) -> Tensor | None:
-        """``[dW.view(out, -1) | db]``."""
+        """``[dW as (out, in) | db]``."""
         weight, *bias = self.params(module)
         if weight.grad is None:
             return None
-        m = weight.grad.reshape(weight.shape[0], -1)
+        m = self.weight_matrix(weight.grad)
         if bias:
             bias_grad = bias[0].grad if bias[0].grad is not None else torch.zeros_like(bias[0])
             m = torch.cat([m, bias_grad.unsqueeze(1)], dim=1)
         return m
 
     def set_grad(self, module: nn.Module, matrix: Tensor) -> None:
-        """Reshape back to the weight's shape and split off the bias."""
+        """Back to the weight's layout; the last column to the bias."""
         weight, *bias = self.params(module)
-        n = weight[0].numel()
-        _write(weight, matrix[:, :n].reshape(weight.shape))
+        n = matrix.shape[1] - len(bias)
+        _write(weight, self.weight_shaped(matrix[:, :n], weight))
         if bias:
             _write(bias[0], matrix[:, -1])
 
 
 class LinearMath(_WeightBiasMath):
-    """``nn.Linear``: rows are all leading indices of the input."""
+    """``nn.Linear``, or any module with an ``(out, in)`` ``weight`` and an optional ``bias`` that
+    computes ``x W^T + b`` on its first argument: rows are all leading indices of the input.
+    """
 
     def a_dim(self, module: nn.Module) -> int:
-        """Input features, plus one for the bias."""
-        assert isinstance(module, nn.Linear)
-        return module.in_features + (module.bias is not None)
+        """Input features (columns of the ``(out, in)`` weight), plus one for the bias."""
+        return int(self.params(module)[0].shape[1]) + (getattr(module, "bias", None) is not None)
 
     def g_dim(self, module: nn.Module) -> int:
-        """Output features."""
-        assert isinstance(module, nn.Linear)
-        return module.out_features
+        """Output features (rows of the weight)."""
+        return int(self.params(module)[0].shape[0])
 
-    def a_statistic(self, module: nn.Module, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
-        """Sum of ``a a^T`` over all rows."""
+    def a_rows(self, module: nn.Module, x: Tensor) -> Tensor:
+        """Every leading index of the input is a row; a 1 appended for the bias."""
         a = x.reshape(-1, x.shape[-1])
-        if module.bias is not None:
-            a = _bias_column(a)
-        return gram(a, dtype), a.shape[0]
+        return _bias_column(a) if getattr(module, "bias", None) is not None else a
 
     def g_rows(self, module: nn.Module, grad_output: Tensor) -> Tensor:
         """The output gradient as it is: ``(*lead, d_out)``."""
@@ -166,6 +231,30 @@ class LinearMath(_WeightBiasMath):
     def samples(self, g_rows: Tensor) -> int:
         """Every leading index is a sample."""
         return math.prod(g_rows.shape[:-1])
+
+
+class TransposedLinearMath(LinearMath):
+    """A linear map whose weight is stored ``(in, out)``: ``y = x W + b`` (Hugging Face's ``Conv1D``).
+
+    Matched by class name, so the library never imports ``transformers``: any module whose class
+    (or a base class) is named ``Conv1D`` and has a 2-D ``weight`` and a ``bias``.
+    """
+
+    def a_dim(self, module: nn.Module) -> int:
+        """Input features (rows of the stored weight), plus one for the bias."""
+        return int(self.params(module)[0].shape[0]) + (module.bias is not None)
+
+    def g_dim(self, module: nn.Module) -> int:
+        """Output features (columns of the stored weight)."""
+        return int(self.params(module)[0].shape[1])
+
+    def weight_matrix(self, grad: Tensor) -> Tensor:
+        """``(in, out)`` to ``(out, in)``."""
+        return grad.t()
+
+    def weight_shaped(self, matrix: Tensor, weight: Tensor) -> Tensor:
+        """``(out, in)`` back to ``(in, out)``."""
+        return matrix.t()
 
 
 class Conv2dMath(_WeightBiasMath):
@@ -193,15 +282,20 @@ class Conv2dMath(_WeightBiasMath):
         )
         return cols.transpose(1, 2)
 
-    def a_statistic(self, module: nn.Module, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
-        """Sum of ``a a^T`` over every patch of every sample."""
+    def a_rows(self, module: nn.Module, x: Tensor) -> Tensor:
+        """Every patch of every sample is a row; a 1 appended for the bias."""
         assert isinstance(module, nn.Conv2d)
         if x.dim() == 3:  # unbatched input
             x = x.unsqueeze(0)
-        a = self.patches(module, x.to(dtype)).reshape(-1, self.a_dim(module) - (module.bias is not None))
-        if module.bias is not None:
-            a = _bias_column(a)
-        return gram(a, dtype), a.shape[0]
+        a = self.patches(module, x).reshape(-1, self.a_dim(module) - (module.bias is not None))
+        return _bias_column(a) if module.bias is not None else a
+
+    def a_statistic(
+        self, module: nn.Module, x: Tensor, dtype: torch.dtype, *, diagonal: bool = False
+    ) -> tuple[Tensor, int]:
+        """Sum of ``a a^T`` (or ``a * a``) over every patch of every sample, unfolded in ``dtype``."""
+        a = self.a_rows(module, x.to(dtype))
+        return second_moment(a, dtype, diagonal), a.shape[0]
 
     def g_rows(self, module: nn.Module, grad_output: Tensor) -> Tensor:
         """``(B, C, H, W)`` to ``(B, H, W, C)``."""
@@ -212,6 +306,15 @@ class Conv2dMath(_WeightBiasMath):
     def samples(self, g_rows: Tensor) -> int:
         """G sums over positions and averages over the batch."""
         return g_rows.shape[0]
+
+    def unsupported(self, module: nn.Module) -> str | None:
+        """Grouped convolutions and non-zero padding modes are not Kronecker-factored here."""
+        assert isinstance(module, nn.Conv2d)
+        if module.groups != 1:
+            return f"groups={module.groups} (only groups=1 is Kronecker-factored)"
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r} (only 'zeros')"
+        return None
 
 
 class EmbeddingMath(ModuleMath):
@@ -229,8 +332,10 @@ class EmbeddingMath(ModuleMath):
         assert isinstance(module, nn.Embedding)
         return module.embedding_dim
 
-    def a_statistic(self, module: nn.Module, x: Tensor, dtype: torch.dtype) -> tuple[Tensor, int]:
-        """Token counts (the diagonal of the sum of one-hot outer products)."""
+    def a_statistic(
+        self, module: nn.Module, x: Tensor, dtype: torch.dtype, *, diagonal: bool = False
+    ) -> tuple[Tensor, int]:
+        """Token counts (the diagonal of the sum of one-hot outer products; A is always diagonal)."""
         assert isinstance(module, nn.Embedding)
         counts = torch.bincount(x.reshape(-1), minlength=module.num_embeddings)
         return counts.to(accumulation_dtype(dtype)), x.numel()
@@ -259,38 +364,15 @@ class EmbeddingMath(ModuleMath):
         assert isinstance(module, nn.Embedding)
         _write(module.weight, matrix.t())
 
+    def unsupported(self, module: nn.Module) -> str | None:
+        """Sparse gradients are not preconditioned."""
+        assert isinstance(module, nn.Embedding)
+        return "sparse=True (sparse gradients are not preconditioned)" if module.sparse else None
+
 
 def _write(param: Tensor, value: Tensor) -> None:
+    """Set ``param.grad`` to ``value`` (a fresh tensor when there is none)."""
     if param.grad is None:
         param.grad = value.to(param.dtype).contiguous().clone()
     else:
         param.grad.copy_(value)
-
-
-MATHS: dict[str, ModuleMath] = {
-    "Linear": LinearMath(),
-    "Conv2d": Conv2dMath(),
-    "Embedding": EmbeddingMath(),
-}
-
-
-def unsupported_reason(module: nn.Module) -> str | None:
-    """Why a module of a supported type still cannot be preconditioned, or None if it can."""
-    if isinstance(module, nn.Conv2d):
-        if module.groups != 1:
-            return f"groups={module.groups} (only groups=1 is Kronecker-factored)"
-        if module.padding_mode != "zeros":
-            return f"padding_mode={module.padding_mode!r} (only 'zeros')"
-    if isinstance(module, nn.Embedding) and module.sparse:
-        return "sparse=True (sparse gradients are not preconditioned)"
-    if not MATHS[type_name(module)].params(module)[0].requires_grad:
-        return "the weight is frozen (requires_grad=False)"
-    return None
-
-
-def type_name(module: nn.Module) -> str:
-    """The supported base type a module is an instance of (subclasses count), or ''."""
-    for name, cls in (("Linear", nn.Linear), ("Conv2d", nn.Conv2d), ("Embedding", nn.Embedding)):
-        if isinstance(module, cls):
-            return name
-    return ""

@@ -35,12 +35,12 @@ class LayerShape:
     a_dim: int
     g_dim: int
     diagonal_a: bool = False
+    diagonal_g: bool = False
 
     def cost(self, factor: str) -> float:
-        """Decomposition cost of one factor: ``n^3``, or ``n`` for a diagonal A."""
-        if factor == "a":
-            return float(self.a_dim) if self.diagonal_a else float(self.a_dim) ** 3
-        return float(self.g_dim) ** 3
+        """Decomposition cost of one factor: ``n^3``, or ``n`` for a diagonal one."""
+        n, diagonal = (self.a_dim, self.diagonal_a) if factor == "a" else (self.g_dim, self.diagonal_g)
+        return float(n) if diagonal else float(n) ** 3
 
 
 @dataclass(frozen=True)
