@@ -215,7 +215,7 @@ class KFACConfig:
     resolved when the config is built. Leave the normalisation types out to leave them to the base
     optimizer."""
 
-    max_factor_dim: int = 8192
+    max_factor_dim: int = 4096
     """A factor with a side above this is kept diagonal (its diagonal only: memory and decomposition
     linear in the side instead of quadratic and cubic), so a 50k-token vocabulary head costs
     megabytes, not gigabytes. See docs/curvature.md for how the default was chosen."""

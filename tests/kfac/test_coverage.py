@@ -556,4 +556,4 @@ def test_factors_that_cannot_fit_are_refused_at_start_with_one_line(monkeypatch:
     message = str(info.value)
     assert "\n" not in message
     assert "more than the 1000 B free on cpu" in message
-    assert "lower max_factor_dim (now 8192" in message
+    assert "lower max_factor_dim (now 4096" in message
