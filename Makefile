@@ -27,7 +27,7 @@ system-packages:
 $(STAMP): pyproject.toml | system-packages
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,bench]'
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,bench,hf]'
 	touch $(STAMP)
 
 # The 2-rank CPU quickstart (torchrun, gloo); checkpoints in runs/quickstart, started afresh each time.

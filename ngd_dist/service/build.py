@@ -10,20 +10,21 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ngd_dist.kfac.config import KFACConfig
 from ngd_dist.kfac.preconditioner import KFACPreconditioner
 from ngd_dist.kfac.quality import QualityProbe
 from ngd_dist.kfac.timing import PhaseClock
-from ngd_dist.service.catalog import Task, build_dataset, build_model, output_module_of, task_of
+from ngd_dist.service.catalog import Task, build_data, build_model, output_module_of, task_of
 from ngd_dist.service.checkpoint import CheckpointError, CheckpointStore
-from ngd_dist.service.data.datasets import ShardedLoader
+from ngd_dist.service.data.loading import ShardedLoader, TensorPairs, collate, is_map_style
 from ngd_dist.service.environment import Environment
 from ngd_dist.service.jobs import Job, JobError
 from ngd_dist.service.optim import build_optimizer
@@ -43,7 +44,8 @@ class Parts:
     global_batch: int
     """Samples per optimizer step over all ranks."""
     loader: ShardedLoader
-    """This rank's shard of the data, ``batch.per_rank x batch.accumulation`` rows per step."""
+    """This rank's shard of the data (a torch DataLoader over the job's Dataset),
+    ``batch.per_rank x batch.accumulation`` rows per step."""
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
@@ -73,18 +75,20 @@ def build(job: Job, env: Environment, *, job_dir: Path | None = None, deepspeed:
     if env.distributed and not deepspeed:
         device_ids = [env.local_rank] if env.device.type == "cuda" else None
         model = DistributedDataParallel(base_model, device_ids=device_ids)
-    x, y = build_dataset(job.data.name, job.data.args, seed=job.seed, import_paths=paths)
+    dataset = build_data(job.data.name, job.data.args, seed=job.seed, import_paths=paths)
     loader = ShardedLoader(
-        x,
-        y,
+        dataset,
         rank=env.rank,
         world_size=env.world_size,
         batch_size=job.batch.per_rank * job.batch.accumulation,
         seed=job.seed,
         device=env.device,
+        num_workers=job.data.num_workers,
+        pin_memory=job.data.pin_memory and env.device.type == "cuda",
+        prefetch_factor=job.data.prefetch_factor,
     )
     clock = PhaseClock()
-    quality = _quality_probe(job, env, base_model, task, x, y)
+    quality = _quality_probe(job, env, base_model, task, dataset)
     optimizer = build_optimizer(job.optimizer, model)
     base_lr = job.optimizer.lr
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: job.lr_at(step) / base_lr)
@@ -140,21 +144,39 @@ def _checkpoint_store(job: Job, env: Environment) -> CheckpointStore | None:
 
 
 def _quality_probe(
-    job: Job, env: Environment, model: nn.Module, task: Task, x: Tensor, y: Tensor
+    job: Job, env: Environment, model: nn.Module, task: Task, dataset: torch.utils.data.Dataset[Any]
 ) -> QualityProbe | None:
-    """The probe ``metrics.quality_every`` asks for: a fixed draw from this rank's data (None when off)."""
+    """The probe ``metrics.quality_every`` asks for: a fixed draw from this rank's data (None when off).
+
+    In-memory data: ``metrics.quality_probe`` rows drawn by a permutation seeded per rank; another
+    map-style Dataset: the same draw of indices, its items collated; an iterable one: its first
+    items. The probe calls ``model(x)`` on ``(x, y)`` batches: dict batches are refused (JobError
+    naming ``metrics.quality_every``).
+    """
     spec = job.metrics
     if not (spec.enabled and spec.port and spec.quality_every > 0):
         return None
-    return QualityProbe.draw(
-        model,
-        x,
-        y,
-        size=spec.quality_probe,
-        seed=job.seed * 7919 + env.rank,
-        loss=task,
-        device=env.device,
-    )
+    seed = job.seed * 7919 + env.rank
+    if isinstance(dataset, TensorPairs):
+        x, y, size = dataset.inputs, dataset.targets, spec.quality_probe
+        return QualityProbe.draw(model, x, y, size=size, seed=seed, loss=task, device=env.device)
+    if is_map_style(dataset):
+        count = len(dataset)  # type: ignore[arg-type]
+        rows = torch.randperm(count, generator=torch.Generator().manual_seed(seed % 2**63))
+        items = [dataset[int(i)] for i in rows[: min(spec.quality_probe, count)]]
+    else:
+        items = list(islice(iter(dataset), spec.quality_probe))
+    if not items:
+        raise JobError.invalid("data.name", job.data.name, "a dataset with at least one item")
+    batch = collate(items)
+    if isinstance(batch, dict):
+        raise JobError.invalid(
+            "metrics.quality_every",
+            spec.quality_every,
+            "0 with dict batches: the update-quality probe calls model(x) on (inputs, targets) batches",
+        )
+    x, y = batch
+    return QualityProbe(model, x.to(env.device), y.to(env.device), loss=task)
 
 
 def with_logits_module(config: KFACConfig, model_name: str, model: nn.Module, *, wrapped: bool) -> KFACConfig:

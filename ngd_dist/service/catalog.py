@@ -1,9 +1,14 @@
 """Models and datasets by name: the built-ins, or the user's own as ``package.module:factory``.
 
 A job names them as ``model: {name: resnet18, args: {...}}`` and ``data: {name: synthetic_images,
-args: {...}}``; :func:`build_model` and :func:`build_dataset` turn that into an ``nn.Module`` and an
-``(inputs, targets)`` pair of tensors. Every problem with a name or its arguments raises
-``ValueError`` naming the job field (``model.name``, ``data.args.block_size``, ...).
+args: {...}}``; :func:`build_model` turns that into an ``nn.Module`` and :func:`build_data` into
+the ``torch.utils.data.Dataset`` the job trains on (:func:`build_dataset`: the same data as an
+``(inputs, targets)`` pair of tensors, stacked in memory). Every problem with a name or its
+arguments raises ``ValueError`` naming the job field (``model.name``, ``data.args.block_size``, ...).
+
+The Hugging Face models (``hf_causal_lm``, ``hf_sequence_classification``,
+:mod:`ngd_dist.service.models`) need the ``hf`` extra (``transformers``); without it they are
+refused in one line naming ``model.name``.
 
 User factories
 --------------
@@ -22,16 +27,25 @@ after the colon may be dotted (``module:Class.build``).
     ``(B,)``; a language model maps token ids ``(B, T)`` to logits ``(B, T, vocab)`` against
     next-token targets ``(B, T)``. Both are trained with cross-entropy over the last dimension.
 
+  A model may take dict batches (``model(**inputs)``, the batch minus ``labels``) and return an
+  object with a ``.logits`` attribute (a ``transformers`` ModelOutput) instead of the logits.
+
 - A dataset factory returns ``(inputs, targets)``, two tensors with the same first dimension, or
-  a map-style ``torch.utils.data.Dataset`` of at most :data:`MAX_STACKED_SAMPLES` ``(input,
-  target)`` items, which is stacked into that pair. If it has a parameter named ``seed`` and the
-  args do not set one, the job's seed is passed.
+  any ``torch.utils.data.Dataset``: map-style (``__len__``, ``__getitem__``) or iterable, of any
+  size, whose items are ``(input, target)`` pairs or dicts of tensors with ``labels``
+  (:mod:`ngd_dist.service.data.loading` says how it is fed and resumed). If it has a parameter
+  named ``seed`` and the args do not set one, the job's seed is passed.
+
+- The built-in language-model data (``synthetic_tokens``, ``text``) takes ``format: dict`` in its
+  args (default ``pairs``): items ``{"input_ids", "attention_mask", "labels"}`` with ``labels``
+  equal to ``input_ids`` (the Hugging Face causal-LM convention: the trainer shifts them).
 """
 
 from __future__ import annotations
 
 import difflib
 import importlib
+import importlib.util
 import inspect
 import keyword
 import os
@@ -45,20 +59,30 @@ from torch import Tensor, nn
 
 from ngd_dist.service import models
 from ngd_dist.service.data import datasets
+from ngd_dist.service.data.loading import TensorDicts, TensorPairs
 
 Task = Literal["classification", "language_model"]
 TASKS: tuple[Task, ...] = ("classification", "language_model")
 
 MAX_STACKED_SAMPLES = 200_000
-"""Largest map-style Dataset a user factory may return (it is stacked item by item in memory)."""
+"""Largest map-style Dataset :func:`build_dataset` stacks in memory (the trainer's :func:`build_data`
+has no limit: it never stacks)."""
+
+DATA_FORMATS = ("pairs", "dict")
+"""``data.args.format`` of the built-in language-model data: ``(inputs, targets)`` items or dicts."""
+
+HF_EXTRA_MODELS = ("hf_causal_lm", "hf_sequence_classification")
+"""Built-in models that need the ``hf`` extra (``transformers``)."""
 
 
 @dataclass(frozen=True)
 class BuiltinModel:
-    """A built-in model: its factory, the name of its logits module and its task."""
+    """A built-in model: its factory, the name of its logits module (None: the built model declares
+    it as ``ngd_output_module``) and its task.
+    """
 
     factory: Callable[..., nn.Module]
-    output_module: str
+    output_module: str | None
     task: Task
 
 
@@ -75,6 +99,8 @@ BUILTIN_MODELS: Mapping[str, BuiltinModel] = {
     "small_cnn": BuiltinModel(models.small_cnn, "5", "classification"),
     "resnet18": BuiltinModel(models.resnet18, "fc", "classification"),
     "gpt": BuiltinModel(models.gpt, "head", "language_model"),
+    "hf_causal_lm": BuiltinModel(models.hf_causal_lm, None, "language_model"),
+    "hf_sequence_classification": BuiltinModel(models.hf_sequence_classification, None, "classification"),
 }
 """Built-in models by job name. ``output_module`` is the logits module with default arguments."""
 
@@ -86,6 +112,19 @@ BUILTIN_DATASETS: Mapping[str, BuiltinDataset] = {
     "tensor_file": BuiltinDataset(datasets.image_folder_tensors, "classification"),
 }
 """Built-in datasets by job name."""
+
+
+def needs_hf_extra(name: str) -> str | None:
+    """The one-line refusal of a model that needs the ``hf`` extra when ``transformers`` is not
+    installed (naming ``model.name``); None when the model can be built.
+    """
+    if name not in HF_EXTRA_MODELS:
+        return None
+    try:
+        found = importlib.util.find_spec("transformers") is not None
+    except (ImportError, ValueError):
+        found = False
+    return None if found else f"model.name: {name} needs the 'hf' extra: pip install 'ngd_dist[hf]'"
 
 
 def is_user_factory(name: str) -> bool:
@@ -110,6 +149,9 @@ def build_model(
     naming ``model.name`` or ``model.args[.<arg>]``.
     """
     factory, builtin = _resolve("model", name, BUILTIN_MODELS, import_paths)
+    missing = needs_hf_extra(name) if builtin else None
+    if missing is not None:
+        raise ValueError(missing)
     kwargs = _check_args("model", name, factory, args, builtin=builtin)
     if seed is None:
         model = _call("model", name, factory, kwargs)
@@ -146,11 +188,65 @@ def build_dataset(
     sets ``seed`` itself (an explicit
     ``data.args.seed`` wins). Raises ``ValueError`` naming ``data.name`` or ``data.args[.<arg>]``.
     """
+    result, _ = _produce(name, args, seed=seed, import_paths=import_paths)
+    return _as_tensors(name, result)
+
+
+def build_data(
+    name: str,
+    args: Mapping[str, Any] | None = None,
+    *,
+    seed: int,
+    import_paths: Sequence[str | os.PathLike[str]] = (),
+) -> torch.utils.data.Dataset[Any]:
+    """The ``torch.utils.data.Dataset`` a job trains on: a built-in or ``package.module:factory``.
+
+    Built-in data is held in memory as tensors and wrapped as a map-style
+    :class:`~ngd_dist.service.data.loading.TensorPairs` (or, with ``data.args.format: dict``, a
+    :class:`~ngd_dist.service.data.loading.TensorDicts` of ``input_ids``, ``attention_mask`` and
+    ``labels``); a user factory's ``(inputs, targets)`` tensors are wrapped the same way, and a
+    Dataset it returns (map-style or iterable, any size) is used as it is. Arguments as for
+    :func:`build_dataset`; raises ``ValueError`` naming ``data.name`` or ``data.args[.<arg>]``.
+    """
+    result, form = _produce(name, args, seed=seed, import_paths=import_paths)
+    if isinstance(result, torch.utils.data.Dataset):
+        if not isinstance(result, torch.utils.data.IterableDataset) and not (
+            hasattr(result, "__len__") and hasattr(result, "__getitem__")
+        ):
+            raise ValueError(
+                f"data.name: {name!r} returned a {type(result).__name__} without __len__; expected a "
+                "map-style Dataset (__len__ and __getitem__) or a torch.utils.data.IterableDataset"
+            )
+        return result
+    inputs, targets = _as_tensors(name, result)
+    if form == "dict":
+        mask = torch.ones_like(inputs)
+        return TensorDicts({"input_ids": inputs, "attention_mask": mask, "labels": inputs.clone()})
+    return TensorPairs(inputs, targets)
+
+
+def _produce(
+    name: str, args: Mapping[str, Any] | None, *, seed: int, import_paths: Sequence[str | os.PathLike[str]]
+) -> tuple[Any, str]:
+    """What the data factory returns, and the ``format`` of a built-in's items (``"pairs"`` unless
+    ``data.args.format`` says ``"dict"``, which the built-in language-model data accepts).
+    """
     factory, builtin = _resolve("data", name, BUILTIN_DATASETS, import_paths)
+    form = "pairs"
+    if builtin and isinstance(args, Mapping) and "format" in args:
+        if BUILTIN_DATASETS[name].task != "language_model":
+            raise ValueError(
+                f"data.args.format: {name!r} takes no argument 'format' (only the language-model data "
+                f"{', '.join(n for n, d in BUILTIN_DATASETS.items() if d.task == 'language_model')} does)"
+            )
+        form = args["format"]
+        if form not in DATA_FORMATS:
+            raise ValueError(f"data.args.format: got {form!r}; expected one of {', '.join(DATA_FORMATS)}")
+        args = {k: v for k, v in args.items() if k != "format"}
     kwargs = _check_args("data", name, factory, args, builtin=builtin)
     if "seed" not in kwargs and "seed" in (_parameters(factory) or {}):
         kwargs["seed"] = seed
-    return _as_tensors(name, _call("data", name, factory, kwargs))
+    return _call("data", name, factory, kwargs), form
 
 
 def output_module_of(name: str, model: nn.Module | None = None) -> str | None:
@@ -159,7 +255,8 @@ def output_module_of(name: str, model: nn.Module | None = None) -> str | None:
     With ``model`` (as built by :func:`build_model`), its ``ngd_output_module`` attribute wins and
     must name one of its submodules. Otherwise: ``"5"`` for ``mlp`` and ``small_cnn`` (default
     depth), ``"fc"`` for ``resnet18``, ``"head"`` for ``gpt``, and None for a user factory
-    without the attribute. An unknown built-in name raises ``ValueError``.
+    without the attribute (and for the Hugging Face built-ins, whose built models declare it:
+    ``lm_head``, ``score`` or ``classifier``). An unknown built-in name raises ``ValueError``.
     """
     declared = getattr(model, "ngd_output_module", None) if model is not None else None
     if declared is not None:
@@ -312,7 +409,8 @@ def _check_args(
             raise ValueError(f"{field}.args.{param.name}: required by {name!r} but not given")
     if builtin:
         for key, value in kwargs.items():
-            _check_type(field, name, named[key], value)
+            if key in named:  # the rest go to a **kwargs (a configuration's fields)
+                _check_type(field, name, named[key], value)
     return kwargs
 
 

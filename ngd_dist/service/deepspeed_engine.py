@@ -44,6 +44,10 @@ What is supported, and why the rest is not:
   one float32 master per parameter, so they work there).
 - ``metrics.quality_every`` works with ``deepspeed.bf16``: the probe widens the bf16 weights and
   their step to float32 before it evaluates γ.
+- Dict batches (``model(**inputs)``: the Hugging Face models, ``data.args.format: dict``) are
+  refused in one line: the engine's step takes ``(inputs, targets)`` batches. :func:`check_job`
+  refuses the built-ins that give them before launch; a user Dataset with dict items is refused at
+  its first batch.
 - Checkpoints are the worker's usual per-rank files: the module's weights, and under ``optimizer``
   this rank's float32 masters and its optimizer state (a partition of them under ZeRO-1), so a run
   resumes only with the same world size, ZeRO stage and bf16 setting (a mismatch is one line).
@@ -107,6 +111,20 @@ def check_job(job: Job) -> None:
             f"sgd or adamw with deepspeed.zero_stage={job.deepspeed.zero_stage}: ZeRO hands the optimizer "
             "one flat partition of all parameters per rank, so the layer-wise trust ratio of lars/lamb "
             "would be computed over that (use zero_stage 0)",
+        )
+    if job.model.name in ("hf_causal_lm", "hf_sequence_classification"):
+        raise JobError.invalid(
+            "model.name",
+            job.model.name,
+            "a model taking (inputs, targets) batches under --launcher deepspeed: the Hugging Face "
+            "models take dict batches, which the DeepSpeed step does not support (launch with torchrun)",
+        )
+    if job.data.args.get("format") == "dict":
+        raise JobError.invalid(
+            "data.args.format",
+            "dict",
+            "pairs under --launcher deepspeed: the DeepSpeed step takes (inputs, targets) batches, not "
+            "dicts (launch with torchrun)",
         )
     if job.precision.use_grad_scaler:
         raise JobError.invalid(

@@ -1,13 +1,19 @@
-"""Built-in models: the small ones of the quickstart, tests and benchmarks, a CIFAR ResNet-18 and a GPT.
+"""Built-in models: the small ones of the quickstart, tests and benchmarks, a CIFAR ResNet-18, a GPT,
+and Hugging Face ``transformers`` models (:func:`hf_causal_lm`, :func:`hf_sequence_classification`).
 
-Every built-in is made of modules K-FAC handles (``nn.Linear``, ``nn.Conv2d`` with ``groups=1``,
-dense ``nn.Embedding``) plus normalisation layers that are left to the base optimizer. The logits
-module of each built-in is listed by :func:`ngd_dist.service.catalog.output_module_of`.
+Every built-in of this package is made of modules K-FAC handles (``nn.Linear``, ``nn.Conv2d`` with
+``groups=1``, dense ``nn.Embedding``) plus normalisation layers that are left to the base
+optimizer. The logits module of each built-in is listed by
+:func:`ngd_dist.service.catalog.output_module_of`; a Hugging Face model declares its own as
+``ngd_output_module``.
 """
 
 from __future__ import annotations
 
 import math
+import os
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -229,6 +235,86 @@ def gpt(
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
     return GPT(vocab_size, block_size, d_model, n_layer, n_head, dropout)
+
+
+# -- Hugging Face transformers ---------------------------------------------------------------------
+
+
+def _transformers() -> Any:
+    """The ``transformers`` module, imported with every download switched off."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    import transformers
+
+    return transformers
+
+
+def _hf_model(auto_class_name: str, name: str, pretrained: str | None, config: dict[str, Any]) -> nn.Module:
+    """A ``transformers`` model: from a local directory (``pretrained``; ``config`` overrides its
+    configuration) or from a configuration dict (``config``, with ``model_type``). Never downloads.
+    """
+    transformers = _transformers()
+    auto_class = getattr(transformers, auto_class_name)
+    if pretrained is not None:
+        if not isinstance(pretrained, (str, os.PathLike)) or not Path(pretrained).is_dir():
+            raise ValueError(
+                f"pretrained: got {pretrained!r}; expected a local directory written by save_pretrained "
+                "(nothing is downloaded)"
+            )
+        model: nn.Module = auto_class.from_pretrained(os.fspath(pretrained), local_files_only=True, **config)
+        return model
+    if "model_type" not in config:
+        raise ValueError(
+            f"{name} needs model.args.model_type (e.g. gpt2) and the configuration's fields, or "
+            "model.args.pretrained: a local directory"
+        )
+    settings = transformers.AutoConfig.for_model(**config)
+    built: nn.Module = auto_class.from_config(settings)
+    return built
+
+
+def hf_causal_lm(pretrained: str | None = None, **config: Any) -> nn.Module:
+    """A ``transformers`` causal language model (``AutoModelForCausalLM``), e.g. a tiny GPT-2.
+
+    ``config`` is the model's configuration (``transformers.AutoConfig.for_model(**config)``:
+    ``model_type`` and its fields, e.g. ``{"model_type": "gpt2", "n_layer": 2, "n_head": 2,
+    "n_embd": 32, "vocab_size": 64, "n_positions": 64}``), or ``pretrained`` names a local directory
+    (``from_pretrained(local_files_only=True)``; ``config`` then overrides fields of its
+    configuration). Nothing is ever downloaded. The preconditioner handles GPT-2's ``Conv1D``
+    projections as they are, and its tied ``lm_head`` / token embedding once. The model takes dict
+    batches (``input_ids``, ``attention_mask``) and returns a ModelOutput whose ``logits`` predict
+    the next token; it declares its logits module (``ngd_output_module``, the output embeddings:
+    ``lm_head``) and ``ngd_task="language_model"``.
+    """
+    model: Any = _hf_model("AutoModelForCausalLM", "hf_causal_lm", pretrained, config)
+    head = model.get_output_embeddings()
+    names = {id(m): n for n, m in model.named_modules()}
+    model.ngd_output_module = names.get(id(head), "lm_head")
+    model.ngd_task = "language_model"
+    result: nn.Module = model
+    return result
+
+
+def hf_sequence_classification(pretrained: str | None = None, **config: Any) -> nn.Module:
+    """A ``transformers`` sequence classifier (``AutoModelForSequenceClassification``).
+
+    Arguments as for :func:`hf_causal_lm` (``num_labels`` in ``config`` sets the classes; GPT-2-like
+    models need a ``pad_token_id`` for batches of more than one sequence). Its batches are dicts
+    whose ``labels`` are ``(N,)`` class ids. It declares its logits module, ``score`` (GPT-2,
+    Llama, ...) or ``classifier`` (BERT-like), and ``ngd_task="classification"``.
+    """
+    auto = "AutoModelForSequenceClassification"
+    model: Any = _hf_model(auto, "hf_sequence_classification", pretrained, config)
+    children = dict(model.named_children())
+    head = next((n for n in ("score", "classifier") if n in children), None)
+    if head is None:
+        raise ValueError(
+            f"hf_sequence_classification: the {type(model).__name__} has no 'score' or 'classifier' "
+            "module to read the logits from; build it with your own factory and set ngd_output_module"
+        )
+    model.ngd_output_module = head
+    model.ngd_task = "classification"
+    return model
 
 
 def _positive(**values: int) -> None:

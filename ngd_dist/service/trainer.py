@@ -9,6 +9,11 @@ every ``checkpoint.every`` steps, at the last step and when SIGTERM/SIGINT asks 
 run follows the same loss curve as an uninterrupted one: model, optimizer, preconditioner, schedule,
 data position and RNG states are all restored.
 
+A batch is ``(x, y)`` (``model(x)`` against ``y``) or a dict of tensors with ``labels``
+(``model(**batch_without_labels)``; a causal LM's logits ``[:, :-1]`` predict ``labels[:, 1:]``); an
+output with ``.logits`` (a ``transformers`` ModelOutput) gives those, and labels equal to -100 carry
+no loss and count as no tokens (docs/data.md).
+
 A step whose loss (on any rank) or gradients hold NaN or inf is skipped on every rank: no optimizer,
 preconditioner or schedule step, and it does not count towards ``train.steps`` (the run takes
 another batch). The flags travel in the one small all-reduce every step already makes (with the
@@ -45,6 +50,14 @@ from ngd_dist.service.checkpoint import (
     PreemptionHandler,
     capture_rng_state,
     restore_rng_state,
+)
+from ngd_dist.service.data.loading import (
+    IGNORE_INDEX,
+    Batch,
+    DataError,
+    batch_labels,
+    batch_rows,
+    chunk_batch,
 )
 from ngd_dist.service.environment import Environment, setup, teardown
 from ngd_dist.service.jobs import Job, JobError, job_to_dict
@@ -301,31 +314,93 @@ class Worker:
     # -- training ------------------------------------------------------------------------------
 
     def _loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """Mean cross-entropy of ``logits`` (``(..., classes)``) against ``targets`` (``(...)``);
+        labels equal to -100 carry no loss.
+        """
         flat = logits.reshape(-1, logits.shape[-1]).float()
         try:
-            return F.cross_entropy(flat, targets.reshape(-1))
+            return F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE_INDEX)
         except IndexError as exc:  # a label outside [0, classes): bad data, not a bug (no per-step check)
             classes = flat.shape[-1]
             raise JobError(
                 f"data: a label does not fit the model's {classes} outputs ({exc}); "
-                f"expected labels in [0, {classes})",
+                f"expected labels in [0, {classes}) or -100 (ignored)",
                 path="data",
             ) from exc
 
-    def train_step(self, x: Tensor, y: Tensor, *, stop: bool = False) -> StepOutcome:
-        """One optimizer step over ``batch.accumulation`` micro-batches, unless it is skipped.
+    def _shifts(self, batch: Batch) -> bool:
+        """Whether the batch's labels are the Hugging Face causal-LM kind: the input ids themselves,
+        which the logits of the previous position predict (a dict batch of a language model).
+        """
+        return isinstance(batch, dict) and self.parts.task == "language_model"
 
+    def _dict_loss(self, logits: Tensor, labels: Tensor, *, shift: bool) -> Tensor:
+        """The loss of a dict batch: mean cross-entropy over its labels that are not -100 (0 when
+        none is); for a causal LM (``shift``) ``logits[:, :-1]`` predict ``labels[:, 1:]``.
+        """
+        if shift:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        flat, targets = logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)
+        try:
+            total = F.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="sum")
+        except IndexError as exc:
+            classes = flat.shape[-1]
+            raise JobError(
+                f"data: a label does not fit the model's {classes} outputs ({exc}); "
+                f"expected labels in [0, {classes}) or -100 (ignored)",
+                path="data",
+            ) from exc
+        return total / (targets != IGNORE_INDEX).sum().clamp_min(1)
+
+    def _forward_loss(self, batch: Batch) -> Tensor:
+        """The model's loss on one micro-batch: ``model(x)`` of ``(x, y)``, or ``model(**inputs)`` of a
+        dict batch (every key but ``labels``); an output with ``.logits`` (a ModelOutput) gives those.
+        """
+        model = self.parts.model
+        if isinstance(batch, dict):
+            labels = batch["labels"]
+            output = model(**{k: v for k, v in batch.items() if k != "labels"})
+        else:
+            x, labels = batch
+            output = model(x)
+        logits = output if isinstance(output, Tensor) else getattr(output, "logits", None)
+        if not isinstance(logits, Tensor):
+            raise JobError(
+                f"model.name: {self.job.model.name!r} returned a {type(output).__name__}; expected a "
+                "tensor of logits or an output with a .logits tensor (a transformers ModelOutput)",
+                path="model.name",
+            )
+        if isinstance(batch, dict):
+            return self._dict_loss(logits, labels, shift=self._shifts(batch))
+        return self._loss(logits, labels)
+
+    def train_step(
+        self, batch: Batch | Tensor, y: Tensor | None = None, *, stop: bool = False
+    ) -> StepOutcome:
+        """One optimizer step over ``batch.accumulation`` micro-batches of ``batch``, unless it is skipped.
+
+        ``batch`` is ``(x, y)`` or a dict of tensors with ``labels`` (``train_step(x, y)`` works too).
         It is skipped on every rank when any rank's loss, or the gradients, hold NaN or inf (or the
         preconditioner finds them so after averaging): then no rank steps its optimizer,
         preconditioner or LR schedule, and ``self.step`` stays. ``stop`` (this rank was asked to
         stop) travels with the step's flags in its one all-reduce (:meth:`_agree`).
         """
+        if y is not None:
+            assert isinstance(batch, Tensor)
+            batch = (batch, y)
+        assert not isinstance(batch, Tensor), "train_step takes (x, y), a dict batch, or x and y"
         p = self.parts
         if p.engine is not None:
-            loss = p.engine.backward(x, y, self._loss, clock=p.clock)
+            if isinstance(batch, dict):
+                raise JobError(
+                    "data: dict batches (model(**inputs)) are not supported under --launcher deepspeed; "
+                    "expected (inputs, targets) items, or launch with torchrun or mpirun",
+                    path="data",
+                )
+            loss = p.engine.backward(batch[0], batch[1], self._loss, clock=p.clock)
         else:
-            loss = self._backward(x, y)
-        outcome = self._agree(loss, stop=stop, samples=x.shape[0], tokens=self._tokens(y))
+            loss = self._backward(batch)
+        outcome = self._agree(loss, stop=stop, samples=batch_rows(batch), tokens=self._tokens(batch))
         checked = p.engine is None  # DDP averaged the gradients that _agree found finite on every rank
         if outcome.skipped is None and p.precond is not None and not p.precond.step(checked_finite=checked):
             outcome = dataclasses.replace(
@@ -348,7 +423,7 @@ class Worker:
         self.step += 1
         return outcome
 
-    def _backward(self, x: Tensor, y: Tensor) -> float:
+    def _backward(self, batch: Batch) -> float:
         """Forward and backward of every micro-batch (DDP averages the gradients over the ranks);
         the gradients unscaled in ``.grad``; returns this rank's mean loss.
         """
@@ -356,14 +431,18 @@ class Worker:
         chunks = job.batch.accumulation
         p.optimizer.zero_grad(set_to_none=True)
         total = 0.0
-        for i, (xm, ym) in enumerate(zip(x.chunk(chunks), y.chunk(chunks), strict=True)):
+        try:
+            micro_batches = chunk_batch(batch, chunks)
+        except DataError as exc:
+            raise JobError(f"data: {exc}", path="data") from exc
+        for i, micro in enumerate(micro_batches):
             sync = i == chunks - 1 or not isinstance(p.model, DistributedDataParallel)
             context = p.model.no_sync() if not sync else contextlib.nullcontext()  # type: ignore[operator]
             with context:
                 with p.clock("forward"), torch.autocast(
                     self.env.device.type, dtype=job.precision.torch_dtype, enabled=job.precision.autocast
                 ):
-                    loss = self._loss(p.model(xm), ym)
+                    loss = self._forward_loss(micro)
                 with p.clock("backward"):
                     p.scaler.scale(loss).backward()
             total += float(loss.detach())
@@ -404,8 +483,16 @@ class Worker:
     def _mean_over_ranks(self, value: float) -> float:
         return self._reduce(value, dist.ReduceOp.SUM) / self.env.world_size
 
-    def _tokens(self, y: Tensor) -> int:
-        return y.numel() if self.parts.task == "language_model" else 0
+    def _tokens(self, batch: Batch) -> int:
+        """Tokens that carry a loss in ``batch``: labels other than -100 (after the causal-LM shift
+        of a dict batch); 0 unless the task is a language model.
+        """
+        if self.parts.task != "language_model":
+            return 0
+        labels = batch_labels(batch)
+        if self._shifts(batch):
+            labels = labels[:, 1:]
+        return int((labels != IGNORE_INDEX).sum())
 
     def run(self) -> TrainResult:
         """Train to ``train.steps`` applied steps (or until preempted); checkpoint as configured.
@@ -417,6 +504,8 @@ class Worker:
         resumed = self.resume()
         if resumed is not None:
             log.info("resumed from step %d", resumed)
+        if self.parts.precond is not None:
+            log.info("%s", self.parts.precond.summary())
         batches = self.parts.loader.forever()
         metrics = open_exporter(job.metrics, self.env)
         bar = _Progress(job.train.steps, self.step, enabled=self.env.rank == 0)
@@ -431,10 +520,13 @@ class Worker:
         saved_at = resumed
         with metrics, PreemptionHandler() as preempt, contextlib.closing(bar):
             while self.step < job.train.steps:
-                x, y = next(batches)
+                try:
+                    batch = next(batches)
+                except DataError as exc:
+                    raise JobError(f"data: {exc}", path="data") from exc
                 snapshot = report.snapshot(metrics, self.step + 1)
                 step_start = time.perf_counter()
-                outcome = self.train_step(x, y, stop=preempt.requested)
+                outcome = self.train_step(batch, stop=preempt.requested)
                 seconds = time.perf_counter() - step_start
                 processed += 1
                 if outcome.skipped is not None:
@@ -456,9 +548,10 @@ class Worker:
                 else:
                     in_a_row = 0
                     loss = outcome.loss
-                    tokens = self._tokens(y)
+                    tokens = self._tokens(batch)
                     report.observe(
-                        metrics, step=self.step, samples=x.shape[0], tokens=tokens, loss=loss, seconds=seconds
+                        metrics, step=self.step, samples=batch_rows(batch), tokens=tokens, loss=loss,
+                        seconds=seconds,
                     )
                     report.measure_quality(metrics, snapshot)
                     first = loss if self.step == start_step + 1 else first

@@ -89,7 +89,7 @@ def test_resnet18_structure_and_one_kfac_step() -> None:
     torch.manual_seed(0)
     small = resnet18(width=4)
     precond = _kfac_step(small, torch.randn(4, 3, 16, 16), torch.randint(10, (4,)), "fc")
-    assert len(precond.layers) == 21
+    assert len(precond.layers) == 21 + 20  # and the 20 BatchNorms, element-wise
     assert not precond.skipped
 
 
@@ -108,8 +108,8 @@ def test_gpt_is_causal_and_takes_a_kfac_step() -> None:
 
     model.train()
     precond = _kfac_step(model, ids, torch.randint(40, (2, 12)), "head")
-    # 2 embeddings + per block q, k, v, out, fc, proj + head; LayerNorms are left out
-    assert len(precond.layers) == 2 + 6 * 2 + 1
+    # 2 embeddings + per block q, k, v, out, fc, proj and 2 LayerNorms + the final LayerNorm + head
+    assert len(precond.layers) == 2 + 8 * 2 + 1 + 1
     assert not precond.skipped
 
 
@@ -300,12 +300,15 @@ def test_sharded_loader_errors() -> None:
 
 
 def test_builtin_models_by_name() -> None:
-    assert set(BUILTIN_MODELS) == {"mlp", "small_cnn", "resnet18", "gpt"}
+    hf = {"hf_causal_lm", "hf_sequence_classification"}  # their built models declare the logits module
+    assert set(BUILTIN_MODELS) == {"mlp", "small_cnn", "resnet18", "gpt", *hf}
     assert {n: output_module_of(n) for n in BUILTIN_MODELS} == {
         "mlp": "5",
         "small_cnn": "5",
         "resnet18": "fc",
         "gpt": "head",
+        "hf_causal_lm": None,
+        "hf_sequence_classification": None,
     }
     assert task_of("gpt") == "language_model"
     assert task_of("resnet18") == "classification"

@@ -360,7 +360,7 @@ BAD = [
     ),
     (
         "kfac-layer-types",
-        "preconditioner: {layer_types: [Linear, LayerNorm]}",
+        "preconditioner: {layer_types: [Linear, Conv3d]}",
         "preconditioner.layer_types",
         "Linear, Conv2d",
     ),

@@ -154,6 +154,9 @@ def test_preconditioner_counters_are_monotonic(exporter: MetricsExporter, tanh_m
     assert value(first, "ngd_decompositions_total") == precond.stats.decompositions > 0
     assert value(first, "ngd_damping") == pytest.approx(precond.stats.damping)
     assert value(first, "ngd_kl_clip_scale") == pytest.approx(precond.stats.kl_scale)
+    assert value(first, "ngd_preconditioned_fraction") == pytest.approx(precond.coverage) == 1.0
+    assert value(first, "ngd_factor_memory_bytes", kind="factors") == precond.memory.factors > 0
+    assert value(first, "ngd_factor_memory_bytes", kind="decompositions") == precond.memory.decompositions > 0
     sent = precond.comm_bytes
     for kind in ("factors", "decompositions", "gradients", "preconditioned", "meta"):
         assert value(first, "ngd_communication_bytes_total", kind=kind) == sent.get(kind, 0)

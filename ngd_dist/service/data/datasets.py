@@ -11,24 +11,24 @@ ones are a deterministic function of their ``seed`` (drawn on the CPU with a pri
 - :func:`text_file`: byte-level tokens (vocabulary 256) of a UTF-8 text file, same layout;
 - :func:`image_folder_tensors`: a ``.pt`` file holding ``{"images": Tensor, "labels": Tensor}``.
 
-:class:`ShardedLoader` walks one such pair in global batches that are identical on every rank
-(a permutation seeded by ``(seed, epoch)``) and gives each rank a disjoint slice of each; its
-position is a ``{"epoch", "index"}`` state dict, so a resumed job sees exactly the batches an
-uninterrupted one would.
+A job trains on them as a ``torch.utils.data`` Dataset (:class:`~ngd_dist.service.data.loading.
+TensorPairs`), fed by :class:`~ngd_dist.service.data.loading.ShardedLoader` (re-exported here): global
+batches identical on every rank (a permutation seeded by ``(seed, epoch)``), each rank taking a
+disjoint slice of each, resumable at the exact batch.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from ngd_dist.service.data import load_digits
+from ngd_dist.service.data.loading import ShardedLoader
 
 __all__ = [
     "ShardedLoader",
@@ -235,123 +235,3 @@ def split_holdout(
     order = torch.randperm(n, generator=_generator(seed))
     train_rows, test_rows = order[: n - count], order[n - count :]
     return (inputs[train_rows], targets[train_rows]), (inputs[test_rows], targets[test_rows])
-
-
-class ShardedLoader:
-    """Global batches shared by all ranks, each rank taking a disjoint slice, resumable.
-
-    Epoch ``e`` visits the samples in the order of ``torch.randperm(N)`` drawn from a generator
-    seeded by ``(seed, e)`` (the same on every rank, so no communication is needed). Global batch
-    ``i`` is positions ``[i * G, (i + 1) * G)`` of that permutation, ``G = batch_size * world_size``,
-    and rank ``r`` takes positions ``[r * batch_size, (r + 1) * batch_size)`` of it. The trailing
-    ``N % G`` samples of an epoch are dropped (a different subset each epoch). With ``shuffle=False``
-    the permutation is the identity.
-
-    Iterating yields ``(inputs[rows], targets[rows])`` (moved to ``device`` if given) from the
-    current position to the end of the current epoch, then the position moves to the next epoch, so
-    ``for epoch in range(E): for x, y in loader: ...`` runs E epochs. :meth:`forever` iterates
-    across epochs without end (step-based training). The position (:meth:`state_dict`) is always
-    that of the *next* batch: after the last batch of epoch ``e`` it is already ``{"epoch": e + 1,
-    "index": 0}``. A loader built with the same arguments that loads it yields exactly the batches
-    the saved one would have yielded next.
-    """
-
-    def __init__(
-        self,
-        inputs: Tensor,
-        targets: Tensor,
-        *,
-        rank: int,
-        world_size: int,
-        batch_size: int,
-        seed: int,
-        shuffle: bool = True,
-        device: torch.device | str | None = None,
-    ) -> None:
-        _positive(world_size=world_size, batch_size=batch_size)
-        if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be an integer in [0, {world_size}), got {rank!r}")
-        _generator(seed)  # validates
-        if len(inputs) != len(targets):
-            raise ValueError(f"inputs have {len(inputs)} samples but targets {len(targets)}")
-        global_batch = batch_size * world_size
-        if len(inputs) < global_batch:
-            raise ValueError(
-                f"the dataset has {len(inputs)} samples, fewer than one global batch of {global_batch} "
-                f"(batch_size {batch_size} per rank x world_size {world_size})"
-            )
-        self.inputs, self.targets = inputs, targets
-        self.rank, self.world_size, self.batch_size = rank, world_size, batch_size
-        self.seed, self.shuffle = seed, shuffle
-        self.device = None if device is None else torch.device(device)
-        self.epoch = 0
-        self.index = 0
-
-    @property
-    def global_batch_size(self) -> int:
-        """``batch_size * world_size``: the samples one step consumes over all ranks."""
-        return self.batch_size * self.world_size
-
-    def __len__(self) -> int:
-        """Batches per epoch (the same on every rank)."""
-        return len(self.inputs) // self.global_batch_size
-
-    def order(self, epoch: int) -> Tensor:
-        """The permutation of sample indices that epoch ``epoch`` walks (identical on all ranks)."""
-        if not self.shuffle:
-            return torch.arange(len(self.inputs))
-        # one 63-bit seed per (seed, epoch); a fixed odd multiplier spreads the seeds apart
-        mixed = (self.seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + 1) % 2**63
-        return torch.randperm(len(self.inputs), generator=torch.Generator().manual_seed(mixed))
-
-    def rows(self, epoch: int, index: int) -> Tensor:
-        """Sample indices of this rank's part of global batch ``index`` of epoch ``epoch``."""
-        start = index * self.global_batch_size + self.rank * self.batch_size
-        return self.order(epoch)[start : start + self.batch_size]
-
-    def _batch(self, rows: Tensor) -> tuple[Tensor, Tensor]:
-        x, y = self.inputs[rows], self.targets[rows]
-        if self.device is not None:
-            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-        return x, y
-
-    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
-        """The rest of the current epoch; the position advances as each batch is handed out."""
-        epoch, steps = self.epoch, len(self)
-        if self.index >= steps:  # a position loaded at an epoch's end
-            self.epoch, self.index = epoch + 1, 0
-            return
-        order = self.order(epoch)
-        g, b = self.global_batch_size, self.batch_size
-        while self.epoch == epoch and self.index < steps:
-            start = self.index * g + self.rank * b
-            rows = order[start : start + b]
-            self.index += 1
-            if self.index == steps:
-                self.epoch, self.index = epoch + 1, 0
-            yield self._batch(rows)
-
-    def forever(self) -> Iterator[tuple[Tensor, Tensor]]:
-        """Batches across epochs without end, from the current position."""
-        while True:
-            yield from self
-
-    def state_dict(self) -> dict[str, int]:
-        """The position of the next batch: ``{"epoch": int, "index": int}``."""
-        return {"epoch": self.epoch, "index": self.index}
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        """Resume at a position saved by :meth:`state_dict` (from a loader with the same arguments)."""
-        try:
-            epoch, index = state["epoch"], state["index"]
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"a loader state needs integer 'epoch' and 'index', got {state!r}") from exc
-        for key, value in (("epoch", epoch), ("index", index)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"loader state {key!r} must be a non-negative integer, got {value!r}")
-        if index > len(self):
-            raise ValueError(
-                f"loader state index {index} is past the {len(self)} batches of an epoch (was it saved "
-                "with another dataset, batch size or world size?)"
-            )
-        self.epoch, self.index = epoch, index

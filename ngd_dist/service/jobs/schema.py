@@ -105,7 +105,14 @@ class ModelSpec(_FactorySpec):
     """Which model to build: a built-in name or ``"package.module:factory"``, called with ``args``."""
 
     name: str = field(default="mlp", metadata=checked(_factory_name(BUILTIN_MODELS)))
-    """``"mlp"``, ``"small_cnn"``, ``"resnet18"``, ``"gpt"``, or ``"package.module:factory"``."""
+    """``"mlp"``, ``"small_cnn"``, ``"resnet18"``, ``"gpt"``, the Hugging Face ``"hf_causal_lm"`` and
+    ``"hf_sequence_classification"`` (need the ``hf`` extra), or ``"package.module:factory"``."""
+
+    def check_fields(self, s: Section) -> None:
+        """A Hugging Face built-in needs ``transformers`` installed (the ``hf`` extra)."""
+        missing = _registry.needs_hf_extra(self.name)
+        if missing is not None:
+            raise JobError(missing, path=s.where("name"))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,7 +121,28 @@ class DataSpec(_FactorySpec):
 
     name: str = field(default="digits", metadata=checked(_factory_name(BUILTIN_DATA)))
     """``"digits"`` (embedded), ``"synthetic_images"``, ``"synthetic_tokens"``, ``"text"``,
-    ``"tensor_file"`` (a .pt of images and labels, ``args.path``), or ``"package.module:factory"``."""
+    ``"tensor_file"`` (a .pt of images and labels, ``args.path``), or ``"package.module:factory"``
+    returning tensors or a ``torch.utils.data.Dataset`` (docs/data.md). ``synthetic_tokens`` and
+    ``text`` take ``args.format: dict`` for Hugging Face style dict batches."""
+
+    num_workers: int = field(default=0, metadata=integer(minimum=0))
+    """Worker processes of each rank's ``torch.utils.data.DataLoader``, >= 0; 0 loads in the
+    training process. Items are read and transformed (``Dataset.__getitem__``) in the workers."""
+
+    pin_memory: bool = field(default=False, metadata=flag())
+    """Copy batches into page-locked memory for faster host-to-GPU transfer (CUDA only; ignored on CPU)."""
+
+    prefetch_factor: int | None = field(default=None, metadata=optional_integer(minimum=1))
+    """Batches each worker loads ahead, >= 1; null: torch's default (2). Needs ``num_workers`` >= 1."""
+
+    def check_fields(self, s: Section) -> None:
+        """``prefetch_factor`` only with worker processes."""
+        if self.prefetch_factor is not None and self.num_workers == 0:
+            raise JobError.invalid(
+                s.where("prefetch_factor"),
+                self.prefetch_factor,
+                "null unless data.num_workers >= 1 (it is the batches each worker process loads ahead)",
+            )
 
 
 @dataclass(frozen=True, kw_only=True)

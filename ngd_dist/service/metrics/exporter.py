@@ -393,6 +393,14 @@ class MetricsExporter:
             self._interval["median"].set(statistics.median(intervals))
             self._interval["max"].set(max(intervals))
         self._decomposed_factors.set(sum(1 for v in precond.decomposed.values() if v > 0))
+        coverage = getattr(precond, "coverage", None)
+        if isinstance(coverage, (int, float)):
+            self._coverage.set(float(coverage))
+        memory = getattr(precond, "memory", None)
+        for kind in ("factors", "decompositions"):
+            held = getattr(memory, kind, None)
+            if isinstance(held, int):
+                self._factor_memory[kind].set(held)
 
     def mark_checkpoint(self) -> None:
         """Record that a checkpoint was just written (resets ``ngd_seconds_since_checkpoint``)."""
@@ -491,6 +499,19 @@ class MetricsExporter:
         self._kl_scale = gauge(
             "ngd_kl_clip_scale", "KL-clip scale applied at the last step (1 when it did not bind)."
         )
+        self._coverage = gauge(
+            "ngd_preconditioned_fraction",
+            "Fraction of the model's trainable parameters the preconditioner handles (the rest follow "
+            "the base optimizer's plain gradients).",
+        )
+        memory = Gauge(
+            "ngd_factor_memory_bytes",
+            "Bytes of K-FAC running factors and of decompositions held on this rank.",
+            ["rank", "kind"],
+            registry=reg,
+        )
+        kinds = ("factors", "decompositions")
+        self._factor_memory = {kind: memory.labels(rank=rank, kind=kind) for kind in kinds}
         interval = Gauge(
             "ngd_refresh_interval_steps",
             "Refresh interval of the factors in steps: min, median and max over factors.",
