@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import Dataset
 
 from ngd_dist.kfac.config import KFACConfig
 from ngd_dist.kfac.preconditioner import KFACPreconditioner
@@ -26,6 +27,7 @@ from ngd_dist.service.catalog import Task, build_data, build_model, output_modul
 from ngd_dist.service.checkpoint import CheckpointError, CheckpointStore
 from ngd_dist.service.data.loading import ShardedLoader, TensorPairs, collate, is_map_style
 from ngd_dist.service.environment import Environment
+from ngd_dist.service.evaluate import holdout_split
 from ngd_dist.service.jobs import Job, JobError
 from ngd_dist.service.optim import build_optimizer
 
@@ -58,6 +60,8 @@ class Parts:
     """The update-quality probe of ``metrics.quality_every`` (None when off)."""
     clock: PhaseClock
     """Phase times of every step (``ngd_phase_seconds``), shared by the loop and the preconditioner."""
+    held_out: Dataset[Any] | None = None
+    """The items held out to evaluate on (``data.holdout`` with ``train.eval_every`` > 0), else None."""
 
 
 def build(job: Job, env: Environment, *, job_dir: Path | None = None, deepspeed: bool = False) -> Parts:
@@ -76,6 +80,9 @@ def build(job: Job, env: Environment, *, job_dir: Path | None = None, deepspeed:
         device_ids = [env.local_rank] if env.device.type == "cuda" else None
         model = DistributedDataParallel(base_model, device_ids=device_ids)
     dataset = build_data(job.data.name, job.data.args, seed=job.seed, import_paths=paths)
+    held_out = None
+    if job.train.eval_every > 0 and job.data.holdout > 0:
+        dataset, held_out = holdout_split(dataset, job.data.holdout, job.seed)
     loader = ShardedLoader(
         dataset,
         rank=env.rank,
@@ -122,6 +129,7 @@ def build(job: Job, env: Environment, *, job_dir: Path | None = None, deepspeed:
         store=store,
         quality=quality,
         clock=clock,
+        held_out=held_out,
     )
 
 

@@ -60,10 +60,12 @@ from ngd_dist.service.data.loading import (
     chunk_batch,
 )
 from ngd_dist.service.environment import Environment, setup, teardown
-from ngd_dist.service.jobs import Job, JobError, job_to_dict
+from ngd_dist.service.evaluate import Evaluation, evaluate, model_logits, rows_and_targets
+from ngd_dist.service.jobs import Job, JobError, job_to_dict, job_to_yaml
 from ngd_dist.service.jobs.errors import clip
 from ngd_dist.service.metrics.exporter import NONFINITE_GRADIENT, NONFINITE_LOSS
 from ngd_dist.service.metrics.report import StepReport, open_exporter
+from ngd_dist.service.records import RunRecord
 from ngd_dist.service.resume import check_files, job_changes, refusal, resume_error, resume_source
 
 log = logging.getLogger("ngd_dist.service")
@@ -94,6 +96,8 @@ class TrainResult:
     preempted: bool
     skipped: dict[str, int] = field(default_factory=dict)
     """Steps skipped in this run, by reason (``nonfinite_loss``, ``nonfinite_gradient``)."""
+    evaluation: Evaluation | None = None
+    """The evaluation at the end of the run (``train.eval_every`` > 0), else None."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -156,6 +160,7 @@ def summary_line(result: TrainResult, *, total: int, ranks: int) -> str:
         + (f" ({reasons})" if reasons else "")
         + (f" resumed_from={result.resumed_from}" if result.resumed_from is not None else "")
         + (" preempted" if result.preempted else "")
+        + (f" {result.evaluation.text()}" if result.evaluation is not None else "")
     )
 
 
@@ -338,9 +343,7 @@ class Worker:
         """The loss of a dict batch: mean cross-entropy over its labels that are not -100 (0 when
         none is); for a causal LM (``shift``) ``logits[:, :-1]`` predict ``labels[:, 1:]``.
         """
-        if shift:
-            logits, labels = logits[:, :-1], labels[:, 1:]
-        flat, targets = logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1)
+        flat, targets = rows_and_targets(logits, labels, shift=shift)
         try:
             total = F.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="sum")
         except IndexError as exc:
@@ -356,20 +359,15 @@ class Worker:
         """The model's loss on one micro-batch: ``model(x)`` of ``(x, y)``, or ``model(**inputs)`` of a
         dict batch (every key but ``labels``); an output with ``.logits`` (a ModelOutput) gives those.
         """
-        model = self.parts.model
-        if isinstance(batch, dict):
-            labels = batch["labels"]
-            output = model(**{k: v for k, v in batch.items() if k != "labels"})
-        else:
-            x, labels = batch
-            output = model(x)
-        logits = output if isinstance(output, Tensor) else getattr(output, "logits", None)
-        if not isinstance(logits, Tensor):
+        try:
+            logits = model_logits(self.parts.model, batch)
+        except TypeError as exc:
             raise JobError(
-                f"model.name: {self.job.model.name!r} returned a {type(output).__name__}; expected a "
+                f"model.name: {self.job.model.name!r} returned a {exc}; expected a "
                 "tensor of logits or an output with a .logits tensor (a transformers ModelOutput)",
                 path="model.name",
-            )
+            ) from None
+        labels = batch_labels(batch)
         if isinstance(batch, dict):
             return self._dict_loss(logits, labels, shift=self._shifts(batch))
         return self._loss(logits, labels)
@@ -507,6 +505,8 @@ class Worker:
         if self.parts.precond is not None:
             log.info("%s", self.parts.precond.summary())
         batches = self.parts.loader.forever()
+        record = RunRecord(job.checkpoint.dir, enabled=self.env.rank == 0)
+        record.start(job_to_yaml(job), resumed)
         metrics = open_exporter(job.metrics, self.env)
         bar = _Progress(job.train.steps, self.step, enabled=self.env.rank == 0)
         first = last = math.nan
@@ -518,7 +518,9 @@ class Worker:
         skipped: Counter[str] = Counter()
         in_a_row = 0
         saved_at = resumed
-        with metrics, PreemptionHandler() as preempt, contextlib.closing(bar):
+        evaluation: Evaluation | None = None
+        evaluated_at: int | None = None
+        with metrics, PreemptionHandler() as preempt, contextlib.closing(bar), contextlib.closing(record):
             while self.step < job.train.steps:
                 try:
                     batch = next(batches)
@@ -562,12 +564,30 @@ class Worker:
                         bar.update_to(self.step, loss=mean, rate=rate, gamma=report.last_gamma)
                         if self.env.rank != 0:
                             log.debug("step %d loss %.4f", self.step, loss)
+                        wall = record.wall_offset + time.perf_counter() - start
+                        record.write(self._record(mean, wall, report))
                     metrics.observe_job(samples=outcome.samples, tokens=outcome.tokens, seconds=seconds)
                 due = (every and self.step % every == 0) or self.step == job.train.steps
                 if (outcome.stop or (due and outcome.skipped is None)) and saved_at != self.step:
                     self.save()
                     saved_at = self.step
                     metrics.mark_checkpoint()
+                eval_every = job.train.eval_every
+                ends = self.step == job.train.steps
+                if (
+                    self.parts.held_out is not None
+                    and not outcome.stop
+                    and evaluated_at != self.step
+                    and (ends or self.step % eval_every == 0)
+                ):
+                    with self.parts.clock("evaluation"):
+                        evaluation = self.evaluate()
+                    evaluated_at = self.step
+                    metrics.observe_eval(evaluation)
+                    if self.env.rank == 0:
+                        log.info("step %d: %s", self.step, evaluation.text())
+                    wall = record.wall_offset + time.perf_counter() - start
+                    record.write({"event": "eval", "step": self.step, "wall_s": wall, **evaluation.fields()})
                 if outcome.stop:
                     preempted = True
                     log.warning(
@@ -587,7 +607,38 @@ class Worker:
             resumed_from=resumed,
             preempted=preempted,
             skipped=dict(skipped),
+            evaluation=evaluation if evaluated_at == self.step else None,
         )
+
+    def evaluate(self) -> Evaluation:
+        """Evaluate on the held-out data (``data.holdout``) over every rank; the same on each."""
+        p, job = self.parts, self.job
+        assert p.held_out is not None
+        return evaluate(
+            p.base_model,
+            p.held_out,
+            rank=self.env.rank,
+            world_size=self.env.world_size,
+            batch_size=job.batch.per_rank,
+            device=self.env.device,
+            language_model=p.task == "language_model",
+            autocast_dtype=job.precision.torch_dtype if job.precision.autocast else None,
+        )
+
+    def _record(self, loss: float, wall: float, report: StepReport) -> dict[str, Any]:
+        """One ``metrics.jsonl`` line for the step just logged (see :mod:`ngd_dist.service.records`)."""
+        stats = self.parts.precond.stats if self.parts.precond is not None else None
+        return {
+            "step": self.step,
+            "samples": self.step * self.parts.global_batch,
+            "wall_s": wall,
+            "loss": loss,
+            "lr": float(self.parts.scheduler.get_last_lr()[0]),
+            "damping": stats.damping if stats is not None else None,
+            "kl_scale": stats.kl_scale if stats is not None else None,
+            "gamma": report.last_gamma,
+            "phases": dict(self.parts.clock.totals),
+        }
 
 
 class _Progress:

@@ -266,3 +266,14 @@ def test_job_throughput_on_rank_0_only_and_quality_series_once_observed(exporter
         assert value(s3, "ngd_quality_seconds") == 0.125
     finally:
         zero.close()
+
+
+def test_evaluations_are_exported(exporter: MetricsExporter) -> None:
+    from ngd_dist.service.evaluate import Evaluation
+
+    exporter.observe_eval(Evaluation(0.25, 100, accuracy=0.9))
+    exporter.observe_eval(Evaluation(3.5, 40, perplexity=33.1))
+    got = scrape(exporter)
+    assert value(got, "ngd_eval_loss") == 3.5
+    assert value(got, "ngd_eval_accuracy") == 0.9
+    assert value(got, "ngd_eval_perplexity") == pytest.approx(33.1)

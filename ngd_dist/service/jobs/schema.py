@@ -135,6 +135,11 @@ class DataSpec(_FactorySpec):
     prefetch_factor: int | None = field(default=None, metadata=optional_integer(minimum=1))
     """Batches each worker loads ahead, >= 1; null: torch's default (2). Needs ``num_workers`` >= 1."""
 
+    holdout: float = field(default=0.0, metadata=number(low=0.0, high=0.5))
+    """Fraction of a map-style dataset held out to evaluate on (``train.eval_every``), in [0, 0.5]:
+    a fixed choice of items drawn from the job's seed; used only when ``train.eval_every`` > 0, so
+    a run without evaluation trains on all the data."""
+
     def check_fields(self, s: Section) -> None:
         """``prefetch_factor`` only with worker processes."""
         if self.prefetch_factor is not None and self.num_workers == 0:
@@ -545,6 +550,12 @@ class Job:
         return job
 
     def _check_across(self) -> None:
+        if self.train.eval_every > 0 and self.data.holdout == 0:
+            raise JobError.invalid(
+                "train.eval_every",
+                self.train.eval_every,
+                "0 unless data.holdout > 0 (the fraction of the data held out to evaluate on, e.g. 0.1)",
+            )
         if self.schedule.warmup_steps > self.train.steps:
             raise JobError.invalid(
                 "schedule.warmup_steps",

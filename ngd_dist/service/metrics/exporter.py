@@ -367,6 +367,16 @@ class MetricsExporter:
         self._quality_gamma.labels(rank=str(self.rank)).set(float(gamma))
         self._quality_seconds.labels(rank=str(self.rank)).set(max(float(seconds), 0.0))
 
+    def observe_eval(self, evaluation: Any) -> None:
+        """Export an evaluation (``ngd_eval_loss``, and ``ngd_eval_accuracy`` or ``ngd_eval_perplexity``)."""
+        if not self.enabled:
+            return
+        self._eval["loss"].set(float(evaluation.loss))
+        if evaluation.accuracy is not None:
+            self._eval["accuracy"].set(float(evaluation.accuracy))
+        if evaluation.perplexity is not None:
+            self._eval["perplexity"].set(float(evaluation.perplexity))
+
     def observe_preconditioner(self, precond: PreconditionerLike) -> None:
         """Export the preconditioner's counters, last values, bytes and refresh intervals.
 
@@ -499,6 +509,15 @@ class MetricsExporter:
         self._kl_scale = gauge(
             "ngd_kl_clip_scale", "KL-clip scale applied at the last step (1 when it did not bind)."
         )
+        self._eval = {
+            "loss": gauge("ngd_eval_loss", "Mean loss on the held-out data at the last evaluation."),
+            "accuracy": gauge(
+                "ngd_eval_accuracy", "Accuracy on the held-out data at the last evaluation (classification)."
+            ),
+            "perplexity": gauge(
+                "ngd_eval_perplexity", "Perplexity on the held-out data at the last evaluation (an LM)."
+            ),
+        }
         self._coverage = gauge(
             "ngd_preconditioned_fraction",
             "Fraction of the model's trainable parameters the preconditioner handles (the rest follow "
