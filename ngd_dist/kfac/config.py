@@ -90,6 +90,13 @@ class LossReduction(Choice):
     SUM = "sum"
 
 
+class DampingScale(Choice):
+    """What the damping number is relative to."""
+
+    ABSOLUTE = "absolute"
+    RELATIVE = "relative"
+
+
 class Refresh(Choice):
     """When factors are decomposed again: on a fixed period, or on one adapted per factor."""
 
@@ -178,6 +185,12 @@ class KFACConfig:
 
     damping: float | Callable[[int], float] = 1e-3
     """Tikhonov damping lambda, or a function of the step index returning it."""
+
+    damping_scale: DampingScale = DampingScale.ABSOLUTE
+    """``"absolute"``: ``damping`` is added to every layer's ``G (x) A`` as it is (in ngd_dist's
+    per-sample units, docs/curvature.md); ``"relative"``: to a layer it is ``damping`` times the mean
+    eigenvalue of that layer's ``G (x) A``, ``(tr A / dim A)(tr G / dim G)``, so one number means the
+    same for every layer, batch size, model and curvature."""
 
     factor_decay: float = 0.95
     """Running-average weight: ``X <- decay * X + (1 - decay) * X_new``; 0 keeps only the newest."""
@@ -288,6 +301,7 @@ class KFACConfig:
         self.curvature = Curvature.parse("curvature", self.curvature)
         if not callable(self.damping):
             self.damping = _check_float("damping", self.damping, 0.0, math.inf, open_low=True)
+        self.damping_scale = DampingScale.parse("damping_scale", self.damping_scale)
         self.factor_decay = _check_float("factor_decay", self.factor_decay, 0.0, 1.0, open_low=False)
         if self.factor_decay >= 1.0:
             raise _fail("factor_decay", self.factor_decay, "a number in [0, 1)")

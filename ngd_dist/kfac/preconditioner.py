@@ -560,10 +560,23 @@ class KFACPreconditioner:
         assert isinstance(key, tuple)
         return self._by_name[key[0]].factors[key[1]]
 
+    def _layer_damping(self, layer: KFACLayer, damping: float) -> float:
+        """``damping`` for ``layer``: as it is, or times the mean eigenvalue of its ``G (x) A``
+        (``damping_scale="relative"``, from the running traces every rank knows).
+        """
+        if self.config.damping_scale == "absolute":
+            return damping
+        trace_a, trace_g = layer.factors["a"].trace, layer.factors["g"].trace
+        if not trace_a or not trace_g or trace_a <= 0 or trace_g <= 0:
+            return damping
+        scaled = damping * (trace_a / layer.a_dim) * (trace_g / layer.g_dim)
+        return scaled if math.isfinite(scaled) and scaled > 0 else damping
+
     def _shift(self, key: Key, damping: float) -> float:
         layer = self._by_name[key[0]]
         trace_a = layer.factors["a"].trace or 0.0
         trace_g = layer.factors["g"].trace or 0.0
+        damping = self._layer_damping(layer, damping)
         shift_a, shift_g = inverse_shifts(trace_a, layer.a_dim, trace_g, layer.g_dim, damping)
         return shift_a if key[1] == "a" else shift_g
 
@@ -666,7 +679,10 @@ class KFACPreconditioner:
             grad = grads[layer.name]
             assert grad is not None
             a, g = layer.factors["a"].decomposition, layer.factors["g"].decomposition
-            updates[layer.name] = grad if a is None or g is None else precondition(a, g, grad, damping)
+            if a is None or g is None:
+                updates[layer.name] = grad
+            else:
+                updates[layer.name] = precondition(a, g, grad, self._layer_damping(layer, damping))
         if self.plan.columns > 1:
             for src in range(self.plan.columns):
                 sent = [la for la in present if self.plan.layer_column[la.name] == src]

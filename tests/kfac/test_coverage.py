@@ -557,3 +557,32 @@ def test_factors_that_cannot_fit_are_refused_at_start_with_one_line(monkeypatch:
     assert "\n" not in message
     assert "more than the 1000 B free on cpu" in message
     assert "lower max_factor_dim (now 4096" in message
+
+
+# -- relative damping ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["eigen", "inverse"])
+def test_relative_damping_is_the_absolute_damping_times_each_layers_mean_eigenvalue(method: str) -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 6, dtype=torch.float64) * 3, torch.randint(0, 4, (16,))
+    model = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 4)).double()
+    relative = copy.deepcopy(model)
+
+    def loss(m: nn.Module, pc: KFACPreconditioner) -> Tensor:
+        return F.cross_entropy(m(x), y)
+
+    pc = _step(relative, loss, curvature="ef", method=method, damping_scale="relative")
+    for layer in pc.layers:
+        mean = float(layer.a.trace() / layer.a_dim) * float(layer.g.trace() / layer.g_dim)
+        assert pc._layer_damping(layer, DAMPING) == pytest.approx(DAMPING * mean, rel=1e-12)
+    # The same step as absolute damping set, layer by layer, to damping x mean eigenvalue.
+    means = {la.name: float(la.a.trace() / la.a_dim) * float(la.g.trace() / la.g_dim) for la in pc.layers}
+    for name, mean in means.items():
+        single = copy.deepcopy(model)
+        _step(single, loss, curvature="ef", method=method, damping=DAMPING * mean, include=[f"^{name}$"])
+        got, want = dict(relative.named_parameters()), dict(single.named_parameters())
+        for p in (f"{name}.weight", f"{name}.bias"):
+            torch.testing.assert_close(got[p].grad, want[p].grad, rtol=1e-9, atol=1e-12, msg=p)
+    with pytest.raises(ValueError, match=r"^KFACConfig\.damping_scale: got 'per-layer'"):
+        KFACConfig(damping_scale="per-layer")
