@@ -3,6 +3,7 @@
 Nothing here imports the training service (:mod:`ngd_dist.service`); ``make lint`` checks it.
 """
 
+from ngd_dist.kfac.capture import statistics_paused
 from ngd_dist.kfac.config import KFACConfig
 from ngd_dist.kfac.curvature import (
     ElementwiseMath,
@@ -27,5 +28,6 @@ __all__ = [
     "exact_ief_direction",
     "per_sample_gradients",
     "register_layer_type",
+    "statistics_paused",
     "unregister_layer_type",
 ]

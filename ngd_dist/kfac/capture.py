@@ -33,7 +33,9 @@ with the right logits. Hooks run with autocast off and accumulate in float32.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import threading
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -63,6 +65,29 @@ class _Pass:
     weights: Tensor | None = None
     outputs: list[tuple[KFACLayer, Tensor, Tensor | None]] = field(default_factory=list)
     deferred: list[tuple[KFACLayer, Tensor, Tensor | None]] = field(default_factory=list)
+
+
+_PAUSED = threading.local()
+
+
+@contextlib.contextmanager
+def statistics_paused() -> Iterator[None]:
+    """Within it, no preconditioner gathers statistics from forward or backward passes (of this
+    thread): for measurement passes on the training model -- per-sample gradients, the quality
+    probe -- that must not count as training batches. Passes under ``torch.func`` transforms
+    (``vmap``, ``grad``, ``jvp``) are never gathered either.
+    """
+    before = getattr(_PAUSED, "on", False)
+    _PAUSED.on = True
+    try:
+        yield
+    finally:
+        _PAUSED.on = before
+
+
+def _transformed(x: Tensor) -> bool:
+    """Whether ``x`` is a ``torch.func`` wrapper (inside vmap / grad / jvp)."""
+    return bool(torch._C._functorch.is_functorch_wrapped_tensor(x))
 
 
 def _leading_dim(args: tuple[Any, ...], kwargs: dict[str, Any]) -> int | None:
@@ -148,6 +173,8 @@ class StatisticsCapture:
     # -- forward -------------------------------------------------------------------------------
 
     def _capturing(self, layer: KFACLayer | None = None) -> bool:
+        if getattr(_PAUSED, "on", False):
+            return False
         if layer is None:
             return bool(self.capturing) and torch.is_grad_enabled()
         return layer.name in self.capturing and torch.is_grad_enabled() and layer.module.training
@@ -167,6 +194,8 @@ class StatisticsCapture:
             return None
         inputs = [v for v in (*args, *kwargs.values()) if isinstance(v, Tensor)]
         if not inputs:
+            return None
+        if _transformed(inputs[0]) or _transformed(output):
             return None
         x = inputs[0].detach()
         expanded = None
@@ -216,7 +245,7 @@ class StatisticsCapture:
         nothing to the statistics. Without it, rows whose logit gradient is exactly zero are the
         ignored ones (for ``ef`` and ``ief``; ``mc`` then samples every row).
         """
-        if not self._capturing() or not logits.requires_grad:
+        if not self._capturing() or not logits.requires_grad or _transformed(logits):
             return
         lead = tuple(logits.shape[:-1])
         checked = None if mask is None else self._checked_mask(mask, lead).to(logits.device)

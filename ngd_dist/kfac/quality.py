@@ -52,6 +52,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from ngd_dist.kfac.capture import statistics_paused
+
 LossKind = Literal["classification", "language_model", "mse"]
 """``classification``: logits ``(N, C)`` against int64 labels ``(N,)``; ``language_model``: logits
 ``(B, T, V)`` against next-token ids ``(B, T)`` (every token a loss row; targets equal to
@@ -100,7 +102,8 @@ def quality_indicator(
     """γ(d) of the iEF paper's Eq. 15 for ``model`` on the probe batch ``(inputs, targets)``.
 
     Args:
-        model: the network; ``model(inputs)`` returns the logits (or outputs for ``mse``).
+        model: the network; ``model(inputs)`` returns the logits (or outputs for ``mse``), or an
+            output holding them (``.logits`` of a transformers ModelOutput, or a tuple's first).
         inputs: the probe inputs.
         targets: the probe targets (see :data:`LossKind`).
         direction: the update direction ``d`` (see :data:`Direction`); parameters it leaves out
@@ -133,7 +136,7 @@ def quality_indicator(
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     try:
-        with sdpa_kernel(SDPBackend.MATH):
+        with sdpa_kernel(SDPBackend.MATH), statistics_paused():
             logits, u = _logits_and_jvp(model, inputs, fixed, primals, tangents, method)
     finally:
         for module, mode in modes:
@@ -187,8 +190,18 @@ def _logits_and_jvp(
     """The logits ``z`` and ``J d`` (same shape), by forward mode or double backward."""
 
     def forward(theta: dict[str, Tensor]) -> Tensor:
-        out: Tensor = functional_call(model, {**fixed, **theta}, (inputs,))
-        return out
+        out = functional_call(model, {**fixed, **theta}, (inputs,))
+        if isinstance(out, Tensor):
+            return out
+        logits = getattr(out, "logits", None)  # a transformers ModelOutput
+        if logits is None and isinstance(out, (tuple, list)) and out:
+            logits = out[0]
+        if not isinstance(logits, Tensor):
+            raise TypeError(
+                f"quality_indicator: the model returned a {type(out).__name__}; expected logits: a "
+                "tensor, an output with .logits, or a tuple whose first element they are"
+            )
+        return logits
 
     if not primals:
         with torch.no_grad():

@@ -166,3 +166,28 @@ def test_grad_norm_is_that_of_the_averaged_gradient_before_preconditioning(
     after = torch.cat([p.grad.flatten() for p in model.parameters()]).norm().item()
     assert precond.grad_norm() == pytest.approx(raw, rel=1e-6)
     assert after != pytest.approx(raw, rel=1e-3)  # the gradients were replaced, the norm is of the raw ones
+
+
+def test_measurement_passes_add_nothing_to_the_statistics() -> None:
+    """torch.func transforms (per-sample gradients) and statistics_paused() are never gathered."""
+    from torch.func import functional_call, grad, vmap
+
+    from ngd_dist.kfac.capture import statistics_paused
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+    pc = KFACPreconditioner(model, KFACConfig(kl_clip=None, curvature="ef"))
+    x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def sample_loss(theta, xi, yi):
+        return F.cross_entropy(functional_call(model, theta, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)  # per-sample gradients, training mode
+    grad(sample_loss)(params, x[0], y[0])
+    with statistics_paused():
+        F.cross_entropy(model(x), y).backward()
+    assert all(la.pending_a.count == 0 and la.pending_g.count == 0 for la in pc.layers)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()  # a training pass still counts
+    assert [la.pending_a.count for la in pc.layers] == [16, 16]

@@ -376,3 +376,26 @@ def test_two_ranks_export_their_own_gamma_and_rank_0_the_job_throughput(
         assert samples[("ngd_job_tokens_per_second", "0")] == 0
     else:
         assert not any(name.startswith("ngd_job_") for name, _ in samples)
+
+
+@pytest.mark.parametrize("wrap", ["logits", "tuple"])
+@pytest.mark.parametrize("method", ["jvp", "double_backward"])
+def test_a_model_returning_an_output_object_is_measured_on_its_logits(
+    wrap: str, method: str, tanh_mlp, classification_batch
+) -> None:
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module) -> None:
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x):
+            z = self.inner(x)
+            return type("Out", (), {"logits": z})() if wrap == "logits" else (z, None)
+
+    model = tanh_mlp(4, 5, 3, seed=0, dtype=torch.float64)
+    x, y = classification_batch(16, 4, 3, dtype=torch.float64)
+    wrapped = Wrapped(model)
+    d = {f"inner.{n}": torch.randn_like(p) for n, p in model.named_parameters()}
+    plain = quality_indicator(model, x, y, {n.removeprefix("inner."): t for n, t in d.items()}, method=method)
+    got = quality_indicator(wrapped, x, y, d, method=method)  # type: ignore[arg-type]
+    assert got.gamma == pytest.approx(plain.gamma, rel=1e-12)
