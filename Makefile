@@ -5,7 +5,11 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+# Two installs: the light one `make run` needs (torch, the package and its few dependencies), and
+# the full one `make test` needs (every extra, and the Debian packages below).
+RUN_STAMP := $(VENV)/.installed-run
 STAMP := $(VENV)/.installed
+PIP := $(PY) -m pip install -q --disable-pip-version-check
 # DeepSpeed compiles its CPU communication op on first use (g++, Python headers) and caches it here.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 # Debian packages and the commands that show they are installed.
@@ -24,14 +28,23 @@ system-packages:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	    $(SYSTEM_PACKAGES); fi
 
+# The quickstart's install: no extras, no Debian packages (DeepSpeed, mpi4py, transformers and
+# matplotlib are the extras deepspeed, mpi, hf and bench: pip install -e '.[deepspeed]').
+$(RUN_STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) $(TORCH_SPEC)
+	$(PIP) -e .
+	touch $(RUN_STAMP)
+
+# Everything the tests use: every extra, and the Debian packages (mpi4py builds against Open MPI).
 $(STAMP): pyproject.toml | system-packages
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
-	$(PY) -m pip install -q --disable-pip-version-check -e '.[dev,bench,hf]'
-	touch $(STAMP)
+	$(PIP) $(TORCH_SPEC)
+	$(PIP) -e '.[dev,bench,hf,deepspeed,mpi]'
+	touch $(STAMP) $(RUN_STAMP)
 
 # The 2-rank CPU quickstart (torchrun, gloo); checkpoints in runs/quickstart, started afresh each time.
-run: $(STAMP)
+run: $(RUN_STAMP)
 	$(VENV)/bin/ngd-dist launch configs/quickstart.yaml --launcher torchrun --nproc 2 --set checkpoint.resume=never
 
 lint: $(STAMP)

@@ -3,7 +3,15 @@
 - ``ngd-dist train CONFIG [--set a.b=value ...]``: one worker; runs alone or under any launcher.
 - ``ngd-dist launch CONFIG --launcher torchrun|mpirun|deepspeed --nproc N [...] [--dry-run]``:
   start the workers through a launcher (deepspeed: the workers run ``train --deepspeed``).
-- ``ngd-dist validate CONFIG [--set ...]``: check a job and print it resolved, without running it.
+- ``ngd-dist validate CONFIG [--set ...] [--target here|cpu|gpu]``: check a job and print it
+  resolved, without running it: the schema, then what its keys name (the model, built on the meta
+  device; the data factory; the machine; the extras; :mod:`ngd_dist.service.jobs.preflight`).
+  ``train`` and ``launch`` make the same checks before they start. An empty job file is refused
+  unless ``--allow-defaults`` is given.
+- ``ngd-dist export CHECKPOINT_OR_DIR --out FILE [--format safetensors|pt]``: the trained weights
+  of a checkpoint as a safetensors (or plain ``torch.save``) file and a JSON sidecar.
+- ``ngd-dist report RUN_DIR [RUN_DIR ...] [--out report.png]``: a table of runs and a plot of
+  their ``metrics.jsonl``.
 - ``ngd-dist quickstart``: a single-process demo on the embedded digits data.
 
 Exit codes (:class:`~ngd_dist.service.exit_codes.ExitCode`, docs/reliability.md): 0 done, 2 a bad
@@ -29,7 +37,12 @@ if TYPE_CHECKING:
 
 from ngd_dist.kfac.config import Curvature
 from ngd_dist.service.exit_codes import ExitCode
+from ngd_dist.service.jobs.errors import JobError
+from ngd_dist.service.jobs.preflight import TARGETS
 from ngd_dist.service.launch import LAUNCHERS
+
+EXPORT_FORMATS = ("safetensors", "pt")
+"""``ngd-dist export --format``."""
 
 
 def _positive_int(text: str) -> int:
@@ -51,6 +64,11 @@ def _add_job(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="KEY=VALUE",
         help="override a job key, e.g. --set optimizer.lr=0.05 (repeatable)",
+    )
+    parser.add_argument(
+        "--allow-defaults",
+        action="store_true",
+        help="accept an empty job file: every key takes its default (refused otherwise, as a likely mistake)",
     )
 
 
@@ -74,7 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="step through a DeepSpeed engine (added by `launch --launcher deepspeed`)",
     )
-    _add_job(sub.add_parser("validate", help="check a job without running it; print it resolved"))
+    validate = sub.add_parser(
+        "validate",
+        help="check a job without running it; print it resolved",
+        description="Check a job as train and launch do before they start: the schema, the model (built "
+        "on the meta device: no memory, any size), preconditioner.output_module, the data factory and its "
+        "arguments, checkpoint.resume, and what the machine needs (CUDA for nccl, the mpi and deepspeed "
+        "extras). Prints the resolved job on stdout and notes on stderr; a problem is one line, exit 2.",
+    )
+    _add_job(validate)
+    validate.add_argument(
+        "--target",
+        choices=TARGETS,
+        default="here",
+        help="the machine the job will run on: here (default: this machine's CUDA, extras and files), "
+        "or another machine with (gpu) or without (cpu) CUDA, whose extras and files are not checked",
+    )
     launch = sub.add_parser(
         "launch",
         help="start a job's workers through torchrun, mpirun or deepspeed",
@@ -96,6 +129,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--hostfile", help="mpirun, deepspeed: hostfile of the nodes (see launch/hostfile.example)"
     )
     launch.add_argument("--dry-run", action="store_true", help="print the launcher command and exit")
+    export = sub.add_parser(
+        "export",
+        help="write a checkpoint's model weights as safetensors (or a torch.save file) for use elsewhere",
+        description="Read a checkpoint written by the service (a file, or a directory: its newest step "
+        "that verifies), and write the model's state dict to --out, with a JSON sidecar (the job and the "
+        "step) beside it. A missing or damaged checkpoint is one line, exit 2.",
+    )
+    export.add_argument("checkpoint", help="a checkpoint file (step-*.rank*-of*.pt) or a directory of them")
+    export.add_argument("--out", required=True, help="the file to write, e.g. model.safetensors")
+    export.add_argument(
+        "--format", choices=EXPORT_FORMATS, default="safetensors", help="safetensors (default) or pt"
+    )
+    report = sub.add_parser(
+        "report",
+        help="compare runs: a table of their metrics.jsonl, and a plot with --out",
+        description="Read RUN_DIR/metrics.jsonl of each run (its checkpoint.dir), print a markdown table "
+        "(steps, final loss, best evaluation, wall time) and, with --out, plot loss against step and "
+        "wall time and the evaluation metric against step (needs matplotlib: the 'bench' extra).",
+    )
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="a run directory holding metrics.jsonl")
+    report.add_argument("--out", help="PNG to write the plot to")
     quick = sub.add_parser("quickstart", help="single-process demo: an MLP on the embedded digits data")
     quick.add_argument("--steps", type=_positive_int, default=60)
     quick.add_argument("--batch-size", type=_positive_int, default=512)
@@ -105,10 +159,36 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _load(config: str, overrides: list[str]) -> Job:
+def _load(args: argparse.Namespace) -> Job:
+    """The job of ``args.config`` with its ``--set`` overrides (an empty file needs ``--allow-defaults``)."""
     from ngd_dist.service.jobs import load_job
 
-    return load_job(config, overrides)
+    return load_job(args.config, args.overrides, allow_defaults=args.allow_defaults)
+
+
+def _preflight(
+    job: Job, args: argparse.Namespace, *, launcher: str | None, target: str = "here", real_fallback: bool
+) -> list[str]:
+    """The checks ``validate``, ``train`` and ``launch`` share (:mod:`ngd_dist.service.jobs.preflight`);
+    the notes for ``validate`` to print. JobError on the first problem.
+    """
+    from ngd_dist.service.jobs.preflight import Machine, check_job
+
+    hint = " (or validate with --target gpu for a GPU machine)" if args.command == "validate" else ""
+    paths = [str(Path(args.config).resolve().parent)]  # what the trainer puts on sys.path
+    if args.command != "train":  # launched workers run `python -m ngd_dist.cli`: the directory is on it too
+        paths.append(os.getcwd())
+    try:
+        return check_job(
+            job,
+            machine=Machine.target(target),
+            import_paths=paths,
+            launcher=launcher,
+            real_fallback=real_fallback,
+            hint=hint,
+        )
+    except JobError as exc:
+        raise exc.with_source(args.config) if exc.path else exc from None
 
 
 def _loopback(address: str) -> bool:
@@ -144,7 +224,8 @@ def _exit_codes() -> list[tuple[type[BaseException], int]]:
     ]
 
 
-def _one_line(exc: BaseException) -> str:
+def _one_line(exc: BaseException | str) -> str:
+    """An error's message on one line, fit to print after ``ngd-dist COMMAND:``."""
     from ngd_dist.kfac.linalg import DecompositionError
 
     text = " ".join(str(exc).split())
@@ -158,7 +239,11 @@ def _one_line(exc: BaseException) -> str:
 def _train(args: argparse.Namespace) -> int:
     """``ngd-dist train``: run one worker; 0 when done, 75 when preempted, else :func:`_worker_failed`."""
     try:
-        job = _load(args.config, args.overrides)
+        job = _load(args)
+        from ngd_dist.kfac.distributed.mpi import launched_by_mpi
+
+        launcher = "deepspeed" if args.deepspeed else "mpirun" if launched_by_mpi() else None
+        _preflight(job, args, launcher=launcher, real_fallback=False)  # the trainer builds the model next
         from ngd_dist.service.trainer import run_job
 
         result = run_job(job, job_dir=Path(args.config).resolve().parent, deepspeed=args.deepspeed)
@@ -215,17 +300,40 @@ def _worker_failed(exc: BaseException) -> int:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ngd-dist`` console script."""
     args = build_parser().parse_args(argv)
-    from ngd_dist.service.jobs import JobError
+    from ngd_dist.service.checkpoint import CheckpointError
+    from ngd_dist.service.export import ExportError
+    from ngd_dist.service.runs import RunsError
 
     try:
         if args.command == "validate":
             from ngd_dist.service.jobs import job_to_yaml
             from ngd_dist.service.resume import check_resume
 
-            job = _load(args.config, args.overrides)
-            check_resume(job.checkpoint, job.batch.world_size)  # an explicit resume's files are there
+            job = _load(args)
+            notes = _preflight(job, args, launcher=None, target=args.target, real_fallback=True)
+            if args.target == "here":
+                check_resume(job.checkpoint, job.batch.world_size)  # an explicit resume's files are there
             print(job_to_yaml(job), end="")
+            for note in notes:
+                print(f"# {note}", file=sys.stderr)
             print(f"# {args.config}: valid", file=sys.stderr)
+            return 0
+        if args.command == "export":
+            from ngd_dist.service.export import export_checkpoint
+
+            result = export_checkpoint(args.checkpoint, args.out, fmt=args.format)
+            for problem in result.skipped:
+                print(f"ngd-dist export: skipped a newer checkpoint: {_one_line(problem)}", file=sys.stderr)
+            print(result.summary())
+            return 0
+        if args.command == "report":
+            from ngd_dist.service.runs import markdown_table, plot_runs, read_runs
+
+            runs = read_runs(args.runs)
+            print(markdown_table(runs))
+            if args.out:
+                plot_runs(runs, args.out)
+                print(f"plot: {args.out}", file=sys.stderr)
             return 0
         if args.command == "train":
             return _train(args)
@@ -238,8 +346,9 @@ def main(argv: list[str] | None = None) -> int:
                 run_launch,
             )
 
-            job = _load(args.config, args.overrides)
-            job.batch.check_world(args.nproc * args.nnodes)
+            job = _load(args)
+            world_size = args.nproc * args.nnodes
+            job.batch.check_world(world_size)
             if args.launcher in ("mpirun", "deepspeed") and args.nnodes > 1 and not args.hostfile:
                 raise JobError(
                     f"--hostfile: {args.launcher} over several nodes needs a hostfile "
@@ -252,6 +361,11 @@ def main(argv: list[str] | None = None) -> int:
                     "address of node 0 that every node can reach (a loopback address makes the other "
                     "nodes wait forever)"
                 )
+            _preflight(job, args, launcher=args.launcher, real_fallback=True)
+            if args.nnodes == 1:  # on several nodes the files may live on each node's own disk
+                from ngd_dist.service.resume import check_resume
+
+                check_resume(job.checkpoint, world_size)
             if args.launcher == "deepspeed":
                 from ngd_dist.service.deepspeed_engine import check_job
 
@@ -273,6 +387,8 @@ def main(argv: list[str] | None = None) -> int:
                 hostfile=args.hostfile,
             )
             argv_ = build_command(spec)
+            if args.allow_defaults:  # the workers' arguments come last with every launcher
+                argv_.append("--allow-defaults")
             print(format_command(argv_), file=sys.stderr if not args.dry_run else sys.stdout, flush=True)
             if args.dry_run:
                 return 0
@@ -280,8 +396,9 @@ def main(argv: list[str] | None = None) -> int:
             if outcome.message is not None:
                 print(f"{outcome.report}ngd-dist launch: {outcome.message}", file=sys.stderr, flush=True)
             return outcome.code
-    except JobError as exc:
-        print(f"ngd-dist {args.command}: {exc}", file=sys.stderr)
+    # a bad job, a checkpoint that cannot be read, an export or report that cannot be written
+    except (JobError, CheckpointError, ExportError, RunsError) as exc:
+        print(f"ngd-dist {args.command}: {_one_line(exc)}", file=sys.stderr)
         return ExitCode.BAD_INPUT
     from ngd_dist.service.quickstart import run_quickstart
 

@@ -352,16 +352,27 @@ def _blame(err: JobError, overrides: Sequence[str]) -> JobError:
     return err
 
 
-def load_job(path: str | Path, overrides: Sequence[str] = ()) -> Job:
+EMPTY_JOB = (
+    "the job file is empty (no keys, only comments or null): every key would take its default, an MLP "
+    "on the embedded digits; write at least model and data, or pass --allow-defaults to run the defaults"
+)
+"""Why ``ngd-dist validate/train/launch`` refuse an empty job file unless given ``--allow-defaults``."""
+
+
+def load_job(path: str | Path, overrides: Sequence[str] = (), *, allow_defaults: bool = True) -> Job:
     """Read the job file at ``path``, apply ``--set`` overrides (``"a.b=value"``, value as YAML), check it.
 
     Raises ``JobError`` with a one-line message (file, key path, value, what is allowed) on the
     first problem: missing or oversized file, YAML syntax, a limit of the module docstring, unknown
-    key (with a "did you mean"), bad value.
+    key (with a "did you mean"), bad value; and with ``allow_defaults=False`` (the command line's
+    default), a file that holds no keys (:data:`EMPTY_JOB`), whatever the overrides.
     """
     source = str(path)
     budget = Budget()
-    data = apply_overrides(read_job_file(path, budget=budget), overrides, budget=budget)
+    written = read_job_file(path, budget=budget)
+    if not written and not allow_defaults:
+        raise JobError(EMPTY_JOB, source=source)
+    data = apply_overrides(written, overrides, budget=budget)
     try:
         return job_from_dict(data, source)
     except JobError as err:
