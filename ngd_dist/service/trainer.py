@@ -502,12 +502,12 @@ class Worker:
         resumed = self.resume()
         if resumed is not None:
             log.info("resumed from step %d", resumed)
+        batches = self.parts.loader.forever()
+        metrics = open_exporter(job.metrics, self.env)  # first: a taken port stops the job in one line
         if self.parts.precond is not None:
             log.info("%s", self.parts.precond.summary())
-        batches = self.parts.loader.forever()
         record = RunRecord(job.checkpoint.dir, enabled=self.env.rank == 0)
         record.start(job_to_yaml(job), resumed)
-        metrics = open_exporter(job.metrics, self.env)
         bar = _Progress(job.train.steps, self.step, enabled=self.env.rank == 0)
         first = last = math.nan
         preempted = False
