@@ -662,9 +662,32 @@ class _Progress:
             self.bar.close()
 
 
+class _BarSafeHandler(logging.StreamHandler):
+    """Writes each log line through ``tqdm.write`` while a progress bar is open, so the line starts
+    on a line of its own and the bar is redrawn below it (plain stderr otherwise).
+    """
+
+    def emit(self, record: logging.LogRecord) -> None:
+        """Write one record."""
+        try:
+            from tqdm import tqdm
+        except ImportError:  # pragma: no cover - tqdm is a dependency
+            super().emit(record)
+            return
+        if not getattr(tqdm, "_instances", None):
+            super().emit(record)
+            return
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:
+            self.handleError(record)
+
+
 def configure_logging(rank: int) -> None:
-    """Rank-prefixed log lines on stderr (rank 0 logs INFO, the others WARNING and above)."""
-    handler = logging.StreamHandler(sys.stderr)
+    """Rank-prefixed log lines on stderr (rank 0 logs INFO, the others WARNING and above), each on a
+    line of its own even while rank 0's progress bar is drawn.
+    """
+    handler = _BarSafeHandler(sys.stderr)
     handler.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(message)s"))
     root = logging.getLogger("ngd_dist")
     root.handlers[:] = [handler]

@@ -118,3 +118,18 @@ def test_a_taken_metrics_port_stops_the_cli_with_one_line_and_exit_code_2(tmp_pa
     assert "metrics.port to 0" in line, line
     assert result.stdout == ""
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+def test_log_lines_start_on_a_line_of_their_own_while_the_progress_bar_is_drawn(tmp_path: Path) -> None:
+    result = run_cli(
+        "train", QUICK,
+        *sets("metrics.port=0", "train.steps=20", "train.log_every=5", "train.eval_every=10",
+              "checkpoint.every=10", f"checkpoint.dir={tmp_path}"),
+        timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = [line for line in result.stderr.split("\n") if "[rank 0] INFO" in line]
+    assert any("checkpoint: saved step 10" in line for line in logged), result.stderr[-3000:]
+    assert any("step 10: eval_loss=" in line for line in logged), result.stderr[-3000:]
+    for line in logged:  # what a terminal shows: the text after the last carriage return
+        assert line.split("\r")[-1].startswith("[rank 0] INFO"), repr(line)
