@@ -153,15 +153,28 @@ def decompose(x: Tensor, method: str, shift: float, dtype: torch.dtype) -> tuple
     return None, len(dtypes) > 1
 
 
-def precondition(a: Decomposition, g: Decomposition, m: Tensor, damping: float) -> Tensor:
-    """Apply the preconditioner of one layer to its ``(g_dim, a_dim)`` gradient matrix ``m``."""
+def damped_reciprocal(a: Eigen, g: Eigen, damping: float) -> Tensor:
+    """``1 / (v_G v_A^T + damping)``: what the eigen form multiplies by in the eigenbasis. It only
+    changes with the decompositions and the damping, so callers may keep it between steps.
+    """
+    return 1.0 / (torch.outer(g.v, a.v) + damping)
+
+
+def precondition(
+    a: Decomposition, g: Decomposition, m: Tensor, damping: float, *, reciprocal: Tensor | None = None
+) -> Tensor:
+    """Apply the preconditioner of one layer to its ``(g_dim, a_dim)`` gradient matrix ``m``.
+
+    ``reciprocal``: :func:`damped_reciprocal` of these decompositions and this damping, if the
+    caller kept it (eigen form only).
+    """
     if isinstance(a, Eigen) and isinstance(g, Eigen):
         x = m.to(g.v.dtype)
         if g.q is not None:
             x = g.q.t() @ x
         if a.q is not None:
             x = x @ a.q
-        x = x / (torch.outer(g.v, a.v) + damping)
+        x = x * (reciprocal if reciprocal is not None else damped_reciprocal(a, g, damping))
         if g.q is not None:
             x = g.q @ x
         if a.q is not None:

@@ -51,7 +51,15 @@ from ngd_dist.kfac.distributed.buckets import Collectives, Layout, Slot
 from ngd_dist.kfac.distributed.comm import Communicator, default_communicator
 from ngd_dist.kfac.distributed.wire import decomposition_slots, decomposition_tensors, received_decomposition
 from ngd_dist.kfac.layer import FACTORS, Factor, KFACLayer
-from ngd_dist.kfac.linalg import DecompositionError, decompose, inverse_shifts, precondition
+from ngd_dist.kfac.linalg import (
+    Decomposition,
+    DecompositionError,
+    Eigen,
+    damped_reciprocal,
+    decompose,
+    inverse_shifts,
+    precondition,
+)
 from ngd_dist.kfac.memory import available_bytes, factor_memory, gib
 from ngd_dist.kfac.refresh import AdaptiveInterval, AdaptiveSchedule, FixedSchedule, Schedule, relative_change
 from ngd_dist.kfac.select import register_layers
@@ -179,6 +187,7 @@ class KFACPreconditioner:
         self._grad_norm_sq: Tensor | float | None = None
         self.clock = clock if clock is not None else PhaseClock()
         self._rebroadcast = False
+        self._reciprocals: dict[str, tuple[Eigen, Eigen, float, Tensor]] = {}
         self.decomposed: Counter[Key] = Counter()
         """How many times this rank decomposed each factor."""
         self._failed: Counter[Key] = Counter()
@@ -660,6 +669,17 @@ class KFACPreconditioner:
                     if d is not None:
                         self._factor(k).decomposition = d
 
+    def _reciprocal(self, name: str, a: Decomposition, g: Decomposition, damping: float) -> Tensor | None:
+        """The eigen form's damped reciprocal of a layer, kept while its decompositions and damping stay."""
+        if not isinstance(a, Eigen) or not isinstance(g, Eigen):
+            return None
+        kept = self._reciprocals.get(name)
+        if kept is not None and kept[0] is a and kept[1] is g and kept[2] == damping:
+            return kept[3]
+        reciprocal = damped_reciprocal(a, g, damping)
+        self._reciprocals[name] = (a, g, damping, reciprocal)
+        return reciprocal
+
     def _learning_rates(self) -> dict[int, float]:
         if self.optimizer is None:
             return {}
@@ -682,7 +702,9 @@ class KFACPreconditioner:
             if a is None or g is None:
                 updates[layer.name] = grad
             else:
-                updates[layer.name] = precondition(a, g, grad, self._layer_damping(layer, damping))
+                layer_damping = self._layer_damping(layer, damping)
+                reciprocal = self._reciprocal(layer.name, a, g, layer_damping)
+                updates[layer.name] = precondition(a, g, grad, layer_damping, reciprocal=reciprocal)
         if self.plan.columns > 1:
             for src in range(self.plan.columns):
                 sent = [la for la in present if self.plan.layer_column[la.name] == src]

@@ -586,3 +586,33 @@ def test_relative_damping_is_the_absolute_damping_times_each_layers_mean_eigenva
             torch.testing.assert_close(got[p].grad, want[p].grad, rtol=1e-9, atol=1e-12, msg=p)
     with pytest.raises(ValueError, match=r"^KFACConfig\.damping_scale: got 'per-layer'"):
         KFACConfig(damping_scale="per-layer")
+
+
+def test_the_damped_reciprocal_is_kept_between_decompositions_and_follows_the_damping() -> None:
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 6), torch.randint(0, 4, (16,))
+    model = nn.Sequential(nn.Linear(6, 4))
+    schedule = [1e-2, 1e-2, 1e-1, 1e-1, 1e-1]
+    pc = KFACPreconditioner(
+        model, KFACConfig(kl_clip=None, curvature="ef", inverse_every=4, damping=lambda step: schedule[step])
+    )
+    kept = []
+    for _ in range(5):
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        raw = torch.cat([model[0].weight.grad, model[0].bias.grad.unsqueeze(1)], 1)
+        pc.step()
+        a, g = pc.layers[0].factors["a"].decomposition, pc.layers[0].factors["g"].decomposition
+        kept.append(pc._reciprocals["0"][3])
+        fresh = precondition_fresh(a, g, raw, pc.stats.damping)
+        torch.testing.assert_close(torch.cat([model[0].weight.grad, model[0].bias.grad.unsqueeze(1)], 1), fresh)
+    assert kept[1] is kept[0]  # same decomposition, same damping
+    assert kept[2] is not kept[1]  # the damping changed
+    assert kept[3] is kept[2]
+    assert kept[4] is not kept[3]  # a new decomposition (inverse_every=4)
+
+
+def precondition_fresh(a, g, m: Tensor, damping: float) -> Tensor:
+    from ngd_dist.kfac.linalg import precondition
+
+    return precondition(a, g, m, damping)
