@@ -40,7 +40,7 @@ $(RUN_STAMP): pyproject.toml
 $(STAMP): pyproject.toml | system-packages
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) $(TORCH_SPEC)
-	$(PIP) -e '.[dev,bench,hf,deepspeed,mpi]'
+	$(PIP) -e '.[dev,bench,hf,deepspeed,mpi,images]'
 	touch $(STAMP) $(RUN_STAMP)
 
 # The 2-rank CPU quickstart (torchrun, gloo); checkpoints in runs/quickstart, started afresh each time.

@@ -58,7 +58,7 @@ import torch
 from torch import Tensor, nn
 
 from ngd_dist.service import models
-from ngd_dist.service.data import datasets
+from ngd_dist.service.data import datasets, folders
 from ngd_dist.service.data.loading import TensorDicts, TensorPairs
 
 Task = Literal["classification", "language_model"]
@@ -90,7 +90,8 @@ class BuiltinModel:
 class BuiltinDataset:
     """A built-in dataset: its factory and the task its targets are for."""
 
-    factory: Callable[..., tuple[Tensor, Tensor]]
+    factory: Callable[..., Any]
+    """Returns ``(inputs, targets)`` tensors, or a map-style Dataset read item by item."""
     task: Task
 
 
@@ -110,6 +111,8 @@ BUILTIN_DATASETS: Mapping[str, BuiltinDataset] = {
     "synthetic_tokens": BuiltinDataset(datasets.synthetic_tokens, "language_model"),
     "text": BuiltinDataset(datasets.text_file, "language_model"),
     "tensor_file": BuiltinDataset(datasets.image_folder_tensors, "classification"),
+    "image_folder": BuiltinDataset(folders.image_folder, "classification"),
+    "cifar10": BuiltinDataset(folders.cifar10, "classification"),
 }
 """Built-in datasets by job name."""
 

@@ -48,7 +48,7 @@ def test_make_run_installs_only_what_the_quickstart_needs() -> None:
     for absent in ("apt-get", "openmpi", "buildah", "deepspeed", "mpi]", "hf", "bench", "dev"):
         assert absent not in run, absent
     test = _dry_run("test")
-    assert "-e '.[dev,bench,hf,deepspeed,mpi]'" in test
+    assert "-e '.[dev,bench,hf,deepspeed,mpi,images]'" in test
     assert "apt-get" in test
     assert "pytest" in test
 

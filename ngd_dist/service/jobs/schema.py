@@ -121,7 +121,9 @@ class DataSpec(_FactorySpec):
 
     name: str = field(default="digits", metadata=checked(_factory_name(BUILTIN_DATA)))
     """``"digits"`` (embedded), ``"synthetic_images"``, ``"synthetic_tokens"``, ``"text"``,
-    ``"tensor_file"`` (a .pt of images and labels, ``args.path``), or ``"package.module:factory"``
+    ``"tensor_file"`` (a .pt of images and labels, ``args.path``), ``"image_folder"`` (``args.path``:
+    ``root/<class>/<image>``, read item by item; the ``images`` extra), ``"cifar10"`` (``args.path``:
+    CIFAR-10's binary version, memory-mapped), or ``"package.module:factory"``
     returning tensors or a ``torch.utils.data.Dataset`` (docs/data.md). ``synthetic_tokens`` and
     ``text`` take ``args.format: dict`` for Hugging Face style dict batches."""
 
