@@ -4,7 +4,9 @@ the checkpoints it writes."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import select
 import signal
 import subprocess
 import sys
@@ -12,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -171,6 +174,150 @@ def try_http_get(url: str, timeout: float = 2.0) -> tuple[int, str] | None:
         return http_get(url, timeout)
     except OSError:
         return None
+
+
+# -- ngd-dist commands forked from one process -------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Measured:
+    """How one ``ngd-dist`` run ended and what it cost."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    cpu_s: float
+    """User + system CPU seconds of the child (from wait4: this child alone)."""
+    peak_mb: float
+    """Peak resident memory of the child (VmHWM, as last sampled)."""
+
+
+def _memory_mb(pid: int) -> tuple[float, float]:
+    """Resident memory of a live process now, and its peak (VmHWM); zeros once it is gone.
+    (wait4's ru_maxrss would not do: it counts the parent's memory at fork.)"""
+    kib = {"VmRSS": 0, "VmHWM": 0}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name in kib:
+                kib[name] = int(value.split()[0])
+    except OSError:
+        pass
+    return kib["VmRSS"] / 1024, kib["VmHWM"] / 1024
+
+
+_FORK_SERVER = """
+import json, os, sys, traceback
+import torch._dynamo  # what building an optimizer imports first (seconds)
+import ngd_dist.service.trainer
+from ngd_dist.cli import main
+for line in sys.stdin:
+    request = json.loads(line)
+    pid = os.fork()
+    if pid == 0:  # the child: the console script's work, output to the files asked for
+        code = 1
+        try:
+            os.setsid()
+            for fd, path, flags in ((0, os.devnull, os.O_RDONLY), (1, request["stdout"], os.O_WRONLY | os.O_CREAT),
+                                    (2, request["stderr"], os.O_WRONLY | os.O_CREAT)):
+                os.dup2(os.open(path, flags), fd)
+            sys.argv = ["ngd-dist", *request["args"]]
+            code = main(request["args"])
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else 1
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    print(json.dumps({"pid": pid}), flush=True)
+    _, status, usage = os.wait4(pid, 0)
+    print(json.dumps({"code": os.waitstatus_to_exitcode(status), "cpu": usage.ru_utime + usage.ru_stime}), flush=True)
+"""
+
+
+def _kill_child(pid: int) -> None:
+    """SIGKILL a child of the fork server and its session (which it may not have made yet)."""
+    for kill in (os.kill, os.killpg):
+        with contextlib.suppress(ProcessLookupError):
+            kill(pid, signal.SIGKILL)
+
+
+class CommandServer:
+    """Runs ``ngd-dist`` commands in children forked from one process that imported ``ngd_dist.cli``.
+
+    Each child runs the console script's entry point (``ngd_dist.cli:main``) in a session of its own,
+    with its output in files: what a fresh ``ngd-dist`` process does, less the seconds of importing
+    torch, the trainer and ``torch._dynamo`` (which building an optimizer imports). For commands that end quickly (a refused input, ``validate``);
+    the child's CPU time and peak memory come with its outcome. The server's environment is
+    :func:`cli_env`'s when it starts (the ``commands`` fixture of tests/conftest.py starts one per session).
+    """
+
+    def __init__(self) -> None:
+        self.server = subprocess.Popen(
+            [sys.executable, "-c", _FORK_SERVER], cwd=ROOT, env=cli_env(), start_new_session=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+        )  # fmt: skip
+        assert self.server.stdin is not None
+        assert self.server.stdout is not None
+        self.requests, self.replies = self.server.stdin, self.server.stdout.fileno()
+        self.pending = b""
+
+    def _answered(self, timeout: float) -> bool:
+        """Whether a whole reply line has come, waiting at most ``timeout`` seconds for more output."""
+        if b"\n" not in self.pending and select.select([self.replies], [], [], timeout)[0]:
+            chunk = os.read(self.replies, 65536)
+            if not chunk:
+                pytest.fail(f"the fork server exited ({self.server.poll()})")
+            self.pending += chunk
+        return b"\n" in self.pending
+
+    def _reply(self, timeout: float) -> dict[str, float]:
+        deadline = time.monotonic() + timeout
+        while not self._answered(max(0.0, deadline - time.monotonic())):
+            if time.monotonic() > deadline:
+                pytest.fail(f"the fork server did not answer within {timeout:.0f} s")
+        line, self.pending = self.pending.split(b"\n", 1)
+        reply: dict[str, float] = json.loads(line)
+        return reply
+
+    def run(self, args: list[str], tmp: Path, *, rss_cap_mb: float | None = None, timeout: float = 90.0) -> Measured:
+        """``ngd-dist *args`` with its CPU time and peak memory; killed (and the test failed) past
+        ``timeout`` seconds or ``rss_cap_mb`` of resident memory (sampled every 20 ms). Its output goes
+        to ``stdout.txt`` and ``stderr.txt`` in the folder ``tmp`` (made if missing)."""
+        tmp.mkdir(parents=True, exist_ok=True)
+        out_path, err_path = tmp / "stdout.txt", tmp / "stderr.txt"
+        out_path.write_text("")
+        err_path.write_text("")
+        request = {"args": args, "stdout": str(out_path), "stderr": str(err_path)}
+        self.requests.write(json.dumps(request).encode() + b"\n")
+        self.requests.flush()
+        pid = int(self._reply(30)["pid"])
+        deadline = time.monotonic() + timeout
+        killed, peak = "", 0.0
+        try:
+            while not self._answered(0.02):
+                rss, high = _memory_mb(pid)
+                peak = max(peak, high)
+                if not killed and rss_cap_mb is not None and rss > rss_cap_mb:
+                    killed = f"grew past {rss_cap_mb:.0f} MB of memory ({rss:.0f} MB)"
+                elif not killed and time.monotonic() > deadline:
+                    killed = f"ran past {timeout:.0f} s"
+                if killed:
+                    _kill_child(pid)
+        finally:
+            _kill_child(pid)
+        ended = self._reply(30)
+        stdout, stderr = out_path.read_text(), err_path.read_text()
+        if killed:
+            pytest.fail(f"ngd-dist {' '.join(a[:80] for a in args[:4])} ... {killed}\n{stderr[-2000:]}")
+        return Measured(int(ended["code"]), stdout, stderr, ended["cpu"], peak)
+
+    def close(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.server.pid, signal.SIGKILL)
+        self.server.communicate()
 
 
 # -- what a job leaves behind ------------------------------------------------------------------

@@ -8,7 +8,7 @@ that cannot be decomposed, and the final checkpoint (issue 9, items 1, 3 and 12)
 - No checkpoint ever holds a non-finite tensor: the save refuses (exit code 3).
 - A factor that fails to decompose ``preconditioner.max_failed_decompositions`` times in a row stops
   the job: one line naming the layer and the remedies, exit code 4 (DECOMPOSITION_FAILED).
-- The last step is always checkpointed when ``checkpoint.dir`` is set.
+- The last step is always checkpointed when ``checkpoint.dir`` is set (checked by the NaN-row runs).
 """
 
 from __future__ import annotations
@@ -99,15 +99,23 @@ def _finite(value: object) -> bool:
 # -- non-finite steps ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preconditioner", ["true", "false"])
-def test_a_nan_row_skips_its_steps_on_every_rank_and_the_run_stays_finite(tmp_path: Path, preconditioner: str) -> None:
+@pytest.mark.parametrize(
+    ("preconditioner", "steps", "every", "saved"),
+    [("true", 40, 0, [40]), ("false", 45, 20, [20, 40, 45])],
+    ids=["preconditioned-final-checkpoint-only", "plain-sgd-checkpoint-every-20"],
+)
+def test_a_nan_row_skips_its_steps_on_every_rank_the_run_stays_finite_and_the_last_step_is_checkpointed(
+    tmp_path: Path, preconditioner: str, steps: int, every: int, saved: list[int]
+) -> None:
+    """The last step is always checkpointed: with ``checkpoint.every=0`` (no periodic checkpoint) and when
+    ``train.steps`` is not a multiple of ``checkpoint.every``."""
     result = _launch(
         tmp_path, NAN_DATA, "data.args.nan_rows=[5]", f"preconditioner.enabled={preconditioner}",
-        "train.steps=40", "checkpoint.every=20",
+        f"train.steps={steps}", f"checkpoint.every={every}", "checkpoint.keep=5",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     summary, first, last = summary_of(result.stdout)
-    assert "steps=40 " in summary, summary
+    assert f"steps={steps} " in summary, summary
     assert math.isfinite(first), summary
     assert math.isfinite(last), summary
     skipped = _skipped(summary)
@@ -117,8 +125,8 @@ def test_a_nan_row_skips_its_steps_on_every_rank_and_the_run_stays_finite(tmp_pa
     logged = SKIPPED.findall(result.stderr)
     assert len(logged) == skipped["nonfinite_loss"], result.stderr[-4000:]
     assert {rank for rank, _ in logged} == {"0"}, logged  # one line per skipped step, from rank 0
-    assert _checkpoints(tmp_path) == [f"step-{s:08d}.rank{r}-of2.pt" for s in (20, 40) for r in (0, 1)]
-    for step in (20, 40):
+    assert _checkpoints(tmp_path) == [f"step-{s:08d}.rank{r}-of2.pt" for s in saved for r in (0, 1)]
+    for step in saved:
         states = [CheckpointStore(tmp_path, rank=r, world_size=2).load(tmp_path / f"step-{step:08d}.rank{r}-of2.pt")
                   for r in (0, 1)]  # fmt: skip
         for state in states:
@@ -207,16 +215,6 @@ def test_ngd_dist_train_exits_4_and_the_remedy_works(tmp_path: Path) -> None:
     assert failed.returncode == ExitCode.DECOMPOSITION_FAILED
     fixed = _train(tmp_path / "float64", *HUGE_FACTORS, "preconditioner.inverse_dtype=float64")
     assert fixed.returncode == 0, fixed.stderr[-3000:]
-
-
-# -- the final checkpoint --------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(("steps", "every", "saved"), [(5, 0, [5]), (45, 20, [20, 40, 45])])
-def test_the_last_step_is_always_checkpointed(tmp_path: Path, steps: int, every: int, saved: list[int]) -> None:
-    result = _launch(tmp_path, f"train.steps={steps}", f"checkpoint.every={every}", "checkpoint.keep=5")
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert _checkpoints(tmp_path) == [f"step-{s:08d}.rank{r}-of2.pt" for s in saved for r in (0, 1)]
 
 
 # -- the summary, the counter and the job field ----------------------------------------------------

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import resource
 import signal
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,8 +25,19 @@ import pytest
 from ngd_dist.service.exit_codes import ExitCode
 from ngd_dist.service.failure import Failure, root_cause
 from ngd_dist.service.launch import MPIRUN_REPORTS, ReportFilter, launch_outcome
-from ngd_dist.testing.distributed import free_port
-from tests.support import CLI, QUICK, ROOT, alive, cli_env, descendants, kill_tree, sets, wait_until
+from ngd_dist.testing.distributed import free_port, free_ports
+from tests.support import (
+    CLI,
+    QUICK,
+    ROOT,
+    alive,
+    cli_env,
+    descendants,
+    kill_tree,
+    sets,
+    try_http_get,
+    wait_until,
+)
 
 FAILING = "tests.fixtures.failing_data"
 TINY = sets("metrics.port=0", "train.steps=5", "train.log_every=5", "distributed.timeout_s=300")
@@ -270,19 +282,26 @@ def test_a_checkpoint_dir_that_cannot_be_written_is_refused_at_start_up(tmp_path
 # ---------------------------------------------------------------------------------- preemption
 
 
-def _preempt(tmp_path: Path, signum: int, target: str, launcher: str = "torchrun") -> tuple[Ended, Path]:
-    """Start a long 2-rank launch, signal ``target`` once both ranks saved a checkpoint, and wait."""
+def _preempt(
+    tmp_path: Path, signum: int, target: str, launcher: str = "torchrun", *, overrides: Sequence[str] = (),
+    ready: Callable[[], object] | None = None,
+) -> tuple[Ended, Path]:  # fmt: skip
+    """Start a long 2-rank launch, signal ``target`` once ``ready()`` (default: both ranks saved a
+    checkpoint), and wait. ``overrides``: more ``--set`` words, after the defaults."""
     directory = tmp_path / "ckpt"
     port = free_port()
     argv = [CLI, "launch", QUICK, "--launcher", launcher, "--nproc", "2", "--master-port", str(port),
             *sets("metrics.port=0", "train.steps=100000", "checkpoint.every=5", "train.log_every=5",
-                  f"checkpoint.dir={directory}")]  # fmt: skip
+                  f"checkpoint.dir={directory}"), *overrides]  # fmt: skip
     private_tmp = tmp_path / "tmp"
     shm_before = set(os.listdir("/dev/shm"))
     proc, so_far, wait = _start(private_tmp, argv, None)
     try:
-        wait_until(lambda: _steps_saved(directory, 0) and _steps_saved(directory, 1), 120,
-                   "both ranks to save a checkpoint", proc=proc, details=lambda: so_far().err[-3000:])  # fmt: skip
+        if ready is None:
+            wait_until(lambda: _steps_saved(directory, 0) and _steps_saved(directory, 1), 120,
+                       "both ranks to save a checkpoint", proc=proc, details=lambda: so_far().err[-3000:])  # fmt: skip
+        else:
+            wait_until(ready, 120, "the job to be ready", proc=proc, details=lambda: so_far().err[-3000:])
         launcher = [pid for pid in descendants(proc.pid) if b"ngd_dist.service.torchrun" in _cmdline(pid)]
         victims = {"launch": [proc.pid], "launcher": launcher, "every process": [proc.pid, *descendants(proc.pid)]}
         assert victims[target], "no launcher process found"
@@ -340,9 +359,35 @@ def test_a_preempted_deepspeed_launch_checkpoints_every_rank_and_exits_75(tmp_pa
     _assert_preempted(ended, directory)
 
 
-def test_a_preempted_launch_exits_75_and_the_next_launch_resumes_where_it_stopped(tmp_path: Path) -> None:
-    ended, directory = _preempt(tmp_path, signal.SIGTERM, "launch")
+def test_a_running_launch_serves_metrics_and_sigterm_to_it_preempts_and_the_next_launch_resumes(
+    tmp_path: Path,
+) -> None:
+    """One 2-rank job: each rank serves /metrics and /healthz on its own port; a scheduler (or
+    `docker stop`) signals `ngd-dist launch` alone: it hands SIGTERM to the launcher, the workers save a
+    preemption checkpoint (no periodic one here) and stop, exit 75; the next launch resumes there."""
+    base = free_ports(2)  # rank 0 and rank 1
+    seen: dict[int, str] = {}
+
+    def both_ranks_serve_and_rank_1_steps() -> bool:
+        for rank in (0, 1):
+            metrics = try_http_get(f"http://127.0.0.1:{base + rank}/metrics")
+            health = try_http_get(f"http://127.0.0.1:{base + rank}/healthz")
+            if metrics is None or health is None or (metrics[0], health[0]) != (200, 200):
+                continue
+            if f'ngd_steps_total{{rank="{rank}"}}' in metrics[1]:
+                seen[rank] = metrics[1]
+        reply = try_http_get(f"http://127.0.0.1:{base + 1}/healthz")  # "ok step N" once its loop runs
+        return len(seen) == 2 and reply is not None and re.fullmatch(r"ok step [1-9]\d*\s*", reply[1]) is not None
+
+    ended, directory = _preempt(
+        tmp_path, signal.SIGTERM, "launch", overrides=sets(f"metrics.port={base}", "checkpoint.every=100000"),
+        ready=both_ranks_serve_and_rank_1_steps,
+    )  # fmt: skip
+    for rank, text in seen.items():
+        assert f'ngd_samples_per_second{{rank="{rank}"}}' in text
+        assert 'ngd_communication_bytes_total{kind="factors"' in text
     step = _assert_preempted(ended, directory)
+    assert "SIGTERM" in ended.err, ended.err[-3000:]
     again = _launch(tmp_path, *sets(f"train.steps={step + 5}", "checkpoint.every=5"))
     assert again.code == 0, again.err[-3000:]
     assert f"resumed_from={step}" in again.out, again.out + again.err[-3000:]

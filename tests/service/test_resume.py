@@ -12,6 +12,7 @@ import pytest
 from ngd_dist.cli import main
 from tests.support import (
     QUICK,
+    CommandServer,
     assert_same_params,
     checkpoint_params,
     run_cli,
@@ -95,16 +96,21 @@ def test_a_resume_that_cannot_work_stops_every_rank_with_its_line(
 
 
 # -- one process: the exit code ----------------------------------------------------------------------
+# A run refused at start-up is forked from the `commands` server (tests/support.py: CommandServer), the
+# console script's entry point without the seconds of a fresh interpreter importing torch.
 
 
-def test_resume_after_a_model_change_is_refused_in_one_line_exit_2(tmp_path: Path) -> None:
+def test_resume_after_a_model_change_is_refused_in_one_line_exit_2(
+    tmp_path: Path, commands: CommandServer
+) -> None:
     common = sets(f"checkpoint.dir={tmp_path}", "metrics.port=0", "train.log_every=2", "checkpoint.every=2")
     first = run_cli("train", QUICK, *common, *sets("train.steps=4"), timeout=120)
     assert first.returncode == 0, first.stderr[-3000:]
 
-    changed = run_cli(
-        "train", QUICK, *common, *sets("train.steps=6", "model.args.hidden=64", "optimizer.name=adamw"), timeout=120
-    )
+    changed = commands.run(
+        ["train", QUICK, *common, *sets("train.steps=6", "model.args.hidden=64", "optimizer.name=adamw")],
+        tmp_path.parent / f"{tmp_path.name}-out", timeout=120,
+    )  # fmt: skip
     assert changed.returncode == 2, changed.stderr[-3000:]
     assert "Traceback" not in changed.stderr
     (line,) = _error_lines(changed.stderr)
@@ -129,7 +135,9 @@ def make_model() -> nn.Module:
 """
 
 
-def test_a_model_whose_code_changed_under_the_same_job_is_refused_in_one_line(tmp_path: Path) -> None:
+def test_a_model_whose_code_changed_under_the_same_job_is_refused_in_one_line(
+    tmp_path: Path, commands: CommandServer
+) -> None:
     """The job is the same, the user's factory (beside the job file) is not: what the job comparison
     cannot see is still one line, exit 2, when the state does not load."""
     job = tmp_path / "job.yaml"
@@ -143,7 +151,7 @@ def test_a_model_whose_code_changed_under_the_same_job_is_refused_in_one_line(tm
     first = run_cli("train", str(job), *common, *sets("train.steps=2"), timeout=120)
     assert first.returncode == 0, first.stderr[-3000:]
     factory.write_text(_EDITED_MODEL.format(hidden=8))
-    again = run_cli("train", str(job), *common, *sets("train.steps=4"), timeout=120)
+    again = commands.run(["train", str(job), *common, *sets("train.steps=4")], tmp_path / "out", timeout=120)
     assert again.returncode == 2, again.stderr[-3000:]
     assert "Traceback" not in again.stderr
     (line,) = _error_lines(again.stderr)
@@ -152,10 +160,15 @@ def test_a_model_whose_code_changed_under_the_same_job_is_refused_in_one_line(tm
 
 
 @pytest.mark.parametrize("resume", ["auto", "6", "directory"])
-def test_resume_with_another_world_size_is_refused(resume: str, two_rank_run: Path, tmp_path: Path) -> None:
+def test_resume_with_another_world_size_is_refused(
+    resume: str, two_rank_run: Path, tmp_path: Path, commands: CommandServer
+) -> None:
     copy = _copy(two_rank_run, tmp_path)
     value = str(copy) if resume == "directory" else resume
-    proc = run_cli("train", QUICK, *TINY, *sets(f"checkpoint.dir={copy}", f"checkpoint.resume={value}"), timeout=120)
+    proc = commands.run(
+        ["train", QUICK, *TINY, *sets(f"checkpoint.dir={copy}", f"checkpoint.resume={value}")], tmp_path / "out",
+        timeout=120,
+    )  # fmt: skip
     assert proc.returncode == 2, proc.stderr[-3000:]
     (line,) = _error_lines(proc.stderr)
     assert f"the checkpoint at step 6 in {copy} was written by a different job: world size 2 -> 1" in line, line
