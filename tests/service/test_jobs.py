@@ -327,7 +327,7 @@ BAD = [
     ("model-name", "model: {name: resnet}", "model.name", "did you mean 'resnet18'?"),
     ("model-bad-factory", "model: {name: 'my-pkg:make'}", "model.name", "package.module:factory"),
     ("model-args-list", "model: {args: [1, 2]}", "model.args", "a mapping of keyword arguments"),
-    ("data-name", "data: {name: cifar10}", "data.name", "one of digits"),
+    ("data-name", "data: {name: cifar100}", "data.name", "one of digits"),
     ("data-name-no-attr", "data: {name: 'mypkg.data:'}", "data.name", "package.module:factory"),
     ("dtype", "precision: {dtype: float8}", "precision.dtype", "one of float32, bfloat16, float16"),
     ("grad-scaler", "precision: {grad_scaler: sometimes}", "precision.grad_scaler", "auto, true or false"),
