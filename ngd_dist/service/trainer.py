@@ -642,20 +642,27 @@ class Worker:
 
 
 class _Progress:
-    """tqdm on rank 0 (to stderr), nothing elsewhere."""
+    """Rank 0's progress: a tqdm bar when stderr is a terminal; otherwise (CI, ``docker logs``, a
+    file) one plain log line per logged step, with no carriage-return redraws. Nothing elsewhere.
+    """
 
     def __init__(self, total: int, initial: int, enabled: bool) -> None:
         self.bar: Any = None
-        if enabled:
+        self.total = total
+        self.lines = enabled and not sys.stderr.isatty()
+        if enabled and not self.lines:
             from tqdm import tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True)
 
     def update_to(self, step: int, *, loss: float, rate: float, gamma: float | None = None) -> None:
+        extra = {"gamma": f"{gamma:.3g}"} if gamma is not None else {}
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            extra = {"gamma": f"{gamma:.3g}"} if gamma is not None else {}
             self.bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:.0f}", **extra)
+        elif self.lines:
+            shown = "".join(f" {k}={v}" for k, v in extra.items())
+            log.info("step %d/%d loss=%.4f samples_per_s=%.0f%s", step, self.total, loss, rate, shown)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ngd_dist.testing.distributed import free_port
 from tests.support import (
+    CLI,
     QUICK,
     ROOT,
     cli_env,
@@ -120,16 +121,56 @@ def test_a_taken_metrics_port_stops_the_cli_with_one_line_and_exit_code_2(tmp_pa
     assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
 
 
-def test_log_lines_start_on_a_line_of_their_own_while_the_progress_bar_is_drawn(tmp_path: Path) -> None:
-    result = run_cli(
-        "train", QUICK,
-        *sets("metrics.port=0", "train.steps=20", "train.log_every=5", "train.eval_every=10",
-              "checkpoint.every=10", f"checkpoint.dir={tmp_path}"),
-        timeout=120,
+def _train_on_a_terminal(tmp_path: Path, *overrides: str) -> str:
+    """``ngd-dist train`` of the quickstart with stderr on a pseudo-terminal; what it wrote there."""
+    import fcntl
+    import pty
+    import struct
+    import subprocess
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 160, 0, 0))  # a 160-column terminal
+    proc = subprocess.Popen(
+        [CLI, "train", QUICK, *sets(*overrides)], cwd=ROOT, env=cli_env(), stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=slave, start_new_session=True,
     )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    logged = [line for line in result.stderr.split("\n") if "[rank 0] INFO" in line]
-    assert any("checkpoint: saved step 10" in line for line in logged), result.stderr[-3000:]
-    assert any("step 10: eval_loss=" in line for line in logged), result.stderr[-3000:]
-    for line in logged:  # what a terminal shows: the text after the last carriage return
+    os.close(slave)
+    chunks = []
+    try:
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed the terminal
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    finally:
+        os.close(master)
+        proc.wait(timeout=120)
+    assert proc.returncode == 0, b"".join(chunks)[-3000:]
+    return b"".join(chunks).decode(errors="replace")
+
+
+RUN = ("metrics.port=0", "train.steps=20", "train.log_every=5", "train.eval_every=10", "checkpoint.every=10")
+
+
+def test_on_a_terminal_log_lines_start_on_a_line_of_their_own_while_the_bar_is_drawn(tmp_path: Path) -> None:
+    err = _train_on_a_terminal(tmp_path, *RUN, f"checkpoint.dir={tmp_path}")
+    assert "%|" in err  # the bar is drawn
+    logged = [line for line in err.replace("\r\n", "\n").split("\n") if "[rank 0] INFO" in line]
+    assert any("checkpoint: saved step 10" in line for line in logged), err[-3000:]
+    assert any("step 10: eval_loss=" in line for line in logged), err[-3000:]
+    for line in logged:  # what the terminal shows: the text after the last carriage return
         assert line.split("\r")[-1].startswith("[rank 0] INFO"), repr(line)
+
+
+def test_without_a_terminal_progress_is_plain_periodic_lines(tmp_path: Path) -> None:
+    result = run_cli("train", QUICK, *sets(*RUN, f"checkpoint.dir={tmp_path}"), timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "\r" not in result.stderr
+    assert "%|" not in result.stderr
+    progress = [line for line in result.stderr.splitlines() if line.startswith("[rank 0] INFO step ") and "/20 " in line]
+    assert [line.split()[4] for line in progress] == ["5/20", "10/20", "15/20", "20/20"], result.stderr[-3000:]
+    assert all(re.search(r" loss=\d+\.\d{4} samples_per_s=\d+", line) for line in progress), progress
