@@ -129,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--hostfile", help="mpirun, deepspeed: hostfile of the nodes (see launch/hostfile.example)"
     )
     launch.add_argument("--dry-run", action="store_true", help="print the launcher command and exit")
+    launch.add_argument(
+        "--target",
+        choices=TARGETS,
+        default="here",
+        help="with --dry-run: the machine the printed command is for: here (default), or another with "
+        "(gpu) or without (cpu) CUDA, whose extras and files are not checked",
+    )
     export = sub.add_parser(
         "export",
         help="write a checkpoint's model weights as safetensors (or a torch.save file) for use elsewhere",
@@ -361,8 +368,12 @@ def main(argv: list[str] | None = None) -> int:
                     "address of node 0 that every node can reach (a loopback address makes the other "
                     "nodes wait forever)"
                 )
-            _preflight(job, args, launcher=args.launcher, real_fallback=True)
-            if args.nnodes == 1:  # on several nodes the files may live on each node's own disk
+            if args.target != "here" and not args.dry_run:
+                raise JobError(
+                    f"--target: got {args.target!r}; expected here unless --dry-run (a launch runs here)"
+                )
+            _preflight(job, args, launcher=args.launcher, target=args.target, real_fallback=True)
+            if args.nnodes == 1 and args.target == "here":  # several nodes: each node's own disk
                 from ngd_dist.service.resume import check_resume
 
                 check_resume(job.checkpoint, world_size)

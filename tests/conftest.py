@@ -8,6 +8,7 @@ at 65 s instead of 4 s.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -101,3 +102,15 @@ def classification_batch() -> Callable[..., tuple[Tensor, Tensor]]:
     """``classification_batch(rows, features, classes, dtype=...)``: standard normal inputs and uniform
     labels, drawn from the global generator (inputs first)."""
     return _classification_batch
+
+
+@pytest.fixture(autouse=True)
+def logging_as_it_was() -> Iterator[None]:
+    """The ``ngd_dist`` logger as before the test: a command run in-process (``main(["train", ...])``)
+    sets up the worker's logging, which must not reach the tests that follow."""
+    logger = logging.getLogger("ngd_dist")
+    saved = (list(logger.handlers), logger.level, logger.propagate)
+    try:
+        yield
+    finally:
+        logger.handlers[:], logger.level, logger.propagate = saved[0], saved[1], saved[2]

@@ -675,7 +675,10 @@ class _BarSafeHandler(logging.StreamHandler):
     """
 
     def emit(self, record: logging.LogRecord) -> None:
-        """Write one record."""
+        """Write one record to the current ``sys.stderr`` (not the one of when logging was set up,
+        which may have been replaced and closed since: a test's capture, a redirected stream).
+        """
+        self.stream = sys.stderr
         try:
             from tqdm import tqdm
         except ImportError:  # pragma: no cover - tqdm is a dependency

@@ -332,7 +332,9 @@ def test_build_model_seed_is_deterministic_and_leaves_global_rng_alone() -> None
 
 
 def test_builtin_datasets_by_name(tmp_path: Path) -> None:
-    assert set(BUILTIN_DATASETS) == {"digits", "synthetic_images", "synthetic_tokens", "text", "tensor_file"}
+    assert set(BUILTIN_DATASETS) == {
+        "digits", "synthetic_images", "synthetic_tokens", "text", "tensor_file", "image_folder", "cifar10",
+    }
     assert build_dataset("digits", {}, seed=0)[0].shape == (1797, 1, 8, 8)
     args = {"n_sequences": 8, "block_size": 4, "vocab_size": 10}
     x1, _ = build_dataset("synthetic_tokens", args, seed=1)
@@ -430,7 +432,7 @@ def test_build_model_errors(name: str, args: object, pattern: str) -> None:
 @pytest.mark.parametrize(
     ("name", "args", "pattern"),
     [
-        ("cifar10", {}, "data.name: unknown built-in dataset 'cifar10'.*digits, synthetic_images"),
+        ("cifar100", {}, "data.name: unknown built-in dataset 'cifar100'.*digits, synthetic_images"),
         ("text", {}, "data.args.path: required by 'text' but not given"),
         ("text", {"path": "/no/such/file.txt"}, "/no/such/file.txt"),
         ("digits", {"seed": 1}, "data.args.seed: 'digits' takes no argument 'seed'"),

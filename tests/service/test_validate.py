@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ngd_dist.cli import main
-from tests.support import QUICK, sets
+from tests.support import QUICK, ROOT, sets
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -175,3 +175,12 @@ def test_launch_imports_a_factory_as_its_workers_do(
     for argv in (["validate", QUICK], ["launch", QUICK, "--nproc", "2", "--dry-run"]):
         code, _, err = _run(capsys, *argv, *user)
         assert code == 0, err
+
+
+def test_launch_target_prints_a_command_for_another_machine(capsys: pytest.CaptureFixture[str]) -> None:
+    gpu_job = str(ROOT / "configs" / "gpu_large_batch.yaml")
+    code, out, _ = _run(capsys, "launch", gpu_job, "--nproc", "2", "--dry-run", "--target", "gpu")
+    assert code == 0
+    assert "ngd_dist.service.torchrun" in out
+    line = _refused(capsys, "launch", gpu_job, "--nproc", "2", "--target", "gpu")
+    assert line.startswith("ngd-dist launch: --target: got 'gpu'; expected here unless --dry-run")
