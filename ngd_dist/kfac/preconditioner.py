@@ -34,6 +34,7 @@ gradients overflowed (the scaler will skip it) returns False and folds nothing i
 from __future__ import annotations
 
 import math
+import warnings
 from collections import Counter
 from collections.abc import Hashable
 from dataclasses import asdict, dataclass
@@ -188,6 +189,8 @@ class KFACPreconditioner:
         self.clock = clock if clock is not None else PhaseClock()
         self._rebroadcast = False
         self._reciprocals: dict[str, tuple[Eigen, Eigen, float, Tensor]] = {}
+        self.idle: set[str] = set()
+        """Registered layers that gathered no statistics in the first step (warned about once)."""
         self.decomposed: Counter[Key] = Counter()
         """How many times this rank decomposed each factor."""
         self._failed: Counter[Key] = Counter()
@@ -278,6 +281,7 @@ class KFACPreconditioner:
 
         for la in self.layers:
             tied = f"  tied: {', '.join(la.tied)}" if la.tied else ""
+            tied += "  (no statistics seen: its forward never ran)" if la.name in self.idle else ""
             lines.append(
                 f"  {la.name:<{width}}  {la.kind:<10} {params[la.name]:>10,} params  "
                 f"A {side(la, 'a'):<11} G {side(la, 'g'):<11}{tied}"
@@ -517,6 +521,8 @@ class KFACPreconditioner:
         meta = self.collectives.all_reduce(layout, meta_in, "meta", torch.float64, self.device)
         values = {key: meta[key].tolist() for key in keys}
         self._raise_on_failing_decompositions(values)
+        if self.stats.factor_refreshes == 0 and not self.idle:
+            self._note_idle_layers(values)
         reduced: dict[Hashable, Tensor] = {}
         for owner in range(self.comm.world_size):
             mine = [k for k in keys if self.plan.owner(*k) == owner and values[k][1] > 0]
@@ -550,6 +556,24 @@ class KFACPreconditioner:
                 factor.fold(reduced[key].to(accumulation_dtype(self.config.factor_dtype)) / count, decay)
         if accepted:
             self.stats.factor_refreshes += 1
+
+    def _note_idle_layers(self, values: dict[Key, list[float]]) -> None:
+        """Warn once about registered layers that gathered no statistics on any rank in the first step
+        that folds: their module's forward never ran (a parent using the weight directly).
+        """
+        for layer in self.layers:
+            counts = [values[(layer.name, f)][1] for f in FACTORS if (layer.name, f) in values]
+            if counts and all(c == 0 for c in counts):
+                self.idle.add(layer.name)
+        if self.idle:
+            names = ", ".join(sorted(self.idle))
+            warnings.warn(
+                f"K-FAC: layers {names} saw no statistics in the first step: their modules' forward never "
+                "ran (a parent applies the weight itself, as nn.MultiheadAttention does with out_proj); "
+                "they keep their plain gradients",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _raise_on_failing_decompositions(self, values: dict[Key, list[float]]) -> None:
         """Raise DecompositionError for the first factor whose owner reported too many failures in a row."""

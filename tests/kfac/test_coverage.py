@@ -9,6 +9,7 @@ LoRA model. The references take per-row gradients straight from autograd on a fl
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 
 import pytest
@@ -616,3 +617,28 @@ def precondition_fresh(a, g, m: Tensor, damping: float) -> Tensor:
     from ngd_dist.kfac.linalg import precondition
 
     return precondition(a, g, m, damping)
+
+
+def test_a_registered_layer_whose_forward_never_runs_is_warned_about_and_shown() -> None:
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)  # applies out_proj's weight itself
+            self.head = nn.Linear(4, 3)
+
+        def forward(self, x: Tensor) -> Tensor:
+            return self.head(self.attn(x, x, x)[0].mean(dim=1))
+
+    torch.manual_seed(0)
+    model = Attention()
+    pc = KFACPreconditioner(model, KFACConfig(kl_clip=None, curvature="ef"))
+    assert "in_proj_weight" in pc.skipped["attn"]
+    F.cross_entropy(model(torch.randn(5, 6, 4)), torch.randint(0, 3, (5,))).backward()
+    with pytest.warns(RuntimeWarning, match=r"layers attn\.out_proj saw no statistics in the first step"):
+        pc.step()
+    assert pc.idle == {"attn.out_proj"}
+    assert "(no statistics seen: its forward never ran)" in pc.summary()
+    F.cross_entropy(model(torch.randn(5, 6, 4)), torch.randint(0, 3, (5,))).backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pc.step()  # once only
