@@ -279,11 +279,12 @@ class StatisticsCapture:
         context: Tensor | None,
         weights: Tensor | None,
         scale: float | None,
+        kept: int = 0,
     ) -> None:
         """Add one pass's G statistics of ``layer`` (A and G of an element-wise layer).
 
         ``scale`` turns the captured gradients into per-sample ones; None: from the layer's own
-        sample count (an unmarked ``ef`` pass).
+        sample count (an unmarked ``ef`` pass). ``kept``: how many of ``weights`` are positive.
         """
         dtype = self.config.factor_dtype
         with self.clock("factor_computation"), torch.autocast(grad.device.type, enabled=False):
@@ -294,7 +295,7 @@ class StatisticsCapture:
                 rows = layer.math.g_rows(layer.module, grad)
             samples = layer.math.samples(rows)
             c = self._per_sample(samples) if scale is None else scale
-            count = weighted_count(samples, weights)
+            count = weighted_count(samples, weights, kept)
             diagonal = layer.math.elementwise or layer.diagonal_g
             total = second_moment(weighted_rows(rows, weights, c, dtype), dtype, diagonal)
             if layer.math.elementwise:
@@ -312,7 +313,7 @@ class StatisticsCapture:
             self.missing_mark = True
             return
         scale = self._per_sample(current.loss_rows) if current.marked else None
-        self._add(layer, grad, context, current.weights, scale)
+        self._add(layer, grad, context, current.weights, scale, current.loss_rows)
 
     def _on_logit_grad(self, current: _Pass, grad: Tensor) -> None:
         g = grad.detach().float()
@@ -331,7 +332,7 @@ class StatisticsCapture:
             current.weights = valid.to(g.dtype)
         current.resolved = True
         for layer, deferred, context in current.deferred:
-            self._add(layer, deferred, context, current.weights, scale)
+            self._add(layer, deferred, context, current.weights, scale, current.loss_rows)
         current.deferred.clear()
 
     def _sampled_fisher(self, current: _Pass, logits: Tensor) -> None:
@@ -346,17 +347,17 @@ class StatisticsCapture:
         with torch.no_grad():
             probs = torch.softmax(flat.detach(), dim=-1)
             labels = torch.multinomial(probs, 1, generator=self.generator).squeeze(1)
-        weights = None
+        weights, kept = None, 0
         if current.mask is not None:
             keep = current.mask.reshape(-1)
             flat, labels = flat[keep], labels[keep]
-            weights = current.mask.to(flat.dtype)
+            weights, kept = current.mask.to(flat.dtype), int(keep.sum())
         loss = F.cross_entropy(flat, labels, reduction="sum")
         tensors = [out for _, out, _ in outputs]
         grads = torch.autograd.grad(loss, tensors, retain_graph=True, allow_unused=True)
         for (layer, _, context), grad in zip(outputs, grads, strict=True):
             if grad is not None:
-                self._add(layer, grad, context, weights, 1.0)
+                self._add(layer, grad, context, weights, 1.0, kept)
 
 
 _HALF = (torch.float16, torch.bfloat16)

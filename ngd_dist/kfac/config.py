@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import torch
 
-from ngd_dist.kfac.curvature.types import BUILTIN_TYPES, layer_type_names
+from ngd_dist.kfac.curvature.types import layer_type_names
 
 _C = TypeVar("_C", bound="Choice")
 
@@ -126,11 +126,6 @@ class Transport(Choice):
     MPI = "mpi"
 
 
-LAYER_TYPES: tuple[str, ...] = BUILTIN_TYPES
-"""The built-in layer types (see :mod:`ngd_dist.kfac.curvature.types`)."""
-
-NORM_TYPES: tuple[str, ...] = ("LayerNorm", "RMSNorm", "BatchNorm", "GroupNorm")
-"""The normalisation types, preconditioned with an element-wise curvature."""
 
 _DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

@@ -38,15 +38,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 
+from ngd_dist.kfac.outputs import IGNORE_INDEX, logits_of
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 """Per-sample losses from (logits, targets), shape (N,)."""
 
 Inputs: TypeAlias = "Tensor | tuple[Tensor, ...] | list[Tensor] | Mapping[str, Any]"
 """What the model is called with: one tensor, positional tensors, or keyword arguments (tensors
 batched on dim 0; a keyword's non-tensor value, such as ``use_cache=False``, is passed as it is)."""
-
-IGNORE_INDEX = -100
-"""The default target that adds nothing (PyTorch's and Hugging Face's convention)."""
 
 
 def per_sample_cross_entropy(
@@ -134,15 +133,9 @@ def _split_inputs(inputs: Inputs, n: int) -> tuple[tuple[Tensor, ...], dict[str,
 
 
 def _logits_of(output: Any) -> Tensor:
-    """The logits in a model's output: the tensor, ``.logits``, ``["logits"]`` or element 0."""
-    if isinstance(output, Tensor):
-        return output
-    logits = getattr(output, "logits", None)
-    if logits is None and isinstance(output, Mapping):
-        logits = output.get("logits")
-    if logits is None and isinstance(output, (tuple, list)) and output:
-        logits = output[0]
-    if not isinstance(logits, Tensor):
+    """The logits in a model's output (:func:`~ngd_dist.kfac.outputs.logits_of`), or TypeError."""
+    logits = logits_of(output)
+    if logits is None:
         raise TypeError(
             "per_sample_gradients: cannot find the logits in a model output of type "
             f"{type(output).__name__}; "

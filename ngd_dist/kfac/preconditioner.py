@@ -180,6 +180,13 @@ class KFACPreconditioner:
         )
         """Bytes of factors and decompositions this rank holds (see :mod:`ngd_dist.kfac.memory`)."""
         self._check_memory(available_bytes(self.device))
+        trainable = {id(p): p.numel() for p in model.parameters() if p.requires_grad}
+        covered = {id(p) for la in self.layers for p in la.math.params(la.module)}
+        total = sum(trainable.values())
+        self.coverage = sum(n for i, n in trainable.items() if i in covered) / total if total else 0.0
+        """The fraction of the model's trainable parameters (each shared one counted once) that are
+        preconditioned; the rest follow the base optimizer's plain gradients (read every step by the
+        metrics exporter, so computed once here)."""
         self.schedule: Schedule = self._make_schedule()
         wide = self.config.factor_dtype == torch.float64
         self._comm_dtype: torch.dtype = torch.float64 if wide else self.config.comm_dtype
@@ -250,16 +257,6 @@ class KFACPreconditioner:
         shared with the caller, the caller's phases too.
         """
         return self.clock.totals
-
-    @property
-    def coverage(self) -> float:
-        """The fraction of the model's trainable parameters (each shared one counted once) that
-        are preconditioned; the rest follow the base optimizer's plain gradients.
-        """
-        trainable = {id(p): p.numel() for p in self.model.parameters() if p.requires_grad}
-        covered = {id(p) for la in self.layers for p in la.math.params(la.module)}
-        total = sum(trainable.values())
-        return sum(n for i, n in trainable.items() if i in covered) / total if total else 0.0
 
     def summary(self) -> str:
         """A table of what is preconditioned and how: each layer with its type, parameters, factor

@@ -53,6 +53,7 @@ from torch.func import functional_call, jvp
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ngd_dist.kfac.capture import statistics_paused
+from ngd_dist.kfac.outputs import IGNORE_INDEX, logits_of
 
 LossKind = Literal["classification", "language_model", "mse"]
 """``classification``: logits ``(N, C)`` against int64 labels ``(N,)``; ``language_model``: logits
@@ -64,9 +65,6 @@ LOSS_KINDS: tuple[LossKind, ...] = ("classification", "language_model", "mse")
 
 Method = Literal["auto", "jvp", "double_backward"]
 METHODS: tuple[Method, ...] = ("auto", "jvp", "double_backward")
-
-IGNORE_INDEX = -100
-"""Targets with this value carry no loss (the ``F.cross_entropy`` default)."""
 
 Direction = Mapping[str, Tensor] | Sequence[Tensor]
 """Parameter name -> tensor (missing names move by zero), or one tensor per entry of
@@ -191,12 +189,8 @@ def _logits_and_jvp(
 
     def forward(theta: dict[str, Tensor]) -> Tensor:
         out = functional_call(model, {**fixed, **theta}, (inputs,))
-        if isinstance(out, Tensor):
-            return out
-        logits = getattr(out, "logits", None)  # a transformers ModelOutput
-        if logits is None and isinstance(out, (tuple, list)) and out:
-            logits = out[0]
-        if not isinstance(logits, Tensor):
+        logits = logits_of(out)
+        if logits is None:
             raise TypeError(
                 f"quality_indicator: the model returned a {type(out).__name__}; expected logits: a "
                 "tensor, an output with .logits, or a tuple whose first element they are"

@@ -134,28 +134,16 @@ def weighted_rows(rows: Tensor, weights: Tensor | None, scale: float, dtype: tor
     return flat * w.reshape(-1, 1).to(flat.dtype).sqrt()
 
 
-def weighted_count(samples: int, weights: Tensor | None) -> int:
+def weighted_count(samples: int, weights: Tensor | None, kept: int) -> int:
     """How many of ``samples`` a step's weights keep: rows of weight 0 (ignored tokens) do not count.
 
-    ``weights`` is one value per row of a prefix of the rows' leading dims; ``samples`` is a multiple
-    of its size (each weight row stands for the same number of samples).
+    ``weights`` is one value per row of a prefix of the rows' leading dims, ``kept`` of them
+    positive (known to the caller: counting here would sync the host once per layer); ``samples`` is
+    a multiple of its size (each weight row stands for the same number of samples).
     """
     if weights is None or weights.numel() == 0 or samples % weights.numel():
         return samples
-    return samples // weights.numel() * int((weights > 0).sum())
-
-
-def g_statistic(
-    g_rows: Tensor, weights: Tensor | None, scale: float, dtype: torch.dtype, *, diagonal: bool = False
-) -> Tensor:
-    """Sum over rows of ``w_r (c g_r)(c g_r)^T`` (only its diagonal when ``diagonal``), accumulated wide.
-
-    ``weights`` has the shape of a prefix of ``g_rows``' leading dims (one weight per sample, or per
-    token) and is broadcast over the rest; ``scale`` c turns the captured gradients into per-sample
-    units (see :class:`ngd_dist.KFACConfig.loss_reduction`). Rows are scaled by ``c sqrt(w_r)`` in
-    float32 (or wider) before the product, so large iEF weights meet only small gradients.
-    """
-    return second_moment(weighted_rows(g_rows, weights, scale, dtype), dtype, diagonal)
+    return samples // weights.numel() * kept
 
 
 class _WeightBiasMath(ModuleMath):
