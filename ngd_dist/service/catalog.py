@@ -2,8 +2,7 @@
 
 A job names them as ``model: {name: resnet18, args: {...}}`` and ``data: {name: synthetic_images,
 args: {...}}``; :func:`build_model` turns that into an ``nn.Module`` and :func:`build_data` into
-the ``torch.utils.data.Dataset`` the job trains on (:func:`build_dataset`: the same data as an
-``(inputs, targets)`` pair of tensors, stacked in memory). Every problem with a name or its
+the ``torch.utils.data.Dataset`` the job trains on. Every problem with a name or its
 arguments raises ``ValueError`` naming the job field (``model.name``, ``data.args.block_size``, ...).
 
 The Hugging Face models (``hf_causal_lm``, ``hf_sequence_classification``,
@@ -63,10 +62,6 @@ from ngd_dist.service.data.loading import TensorDicts, TensorPairs
 
 Task = Literal["classification", "language_model"]
 TASKS: tuple[Task, ...] = ("classification", "language_model")
-
-MAX_STACKED_SAMPLES = 200_000
-"""Largest map-style Dataset :func:`build_dataset` stacks in memory (the trainer's :func:`build_data`
-has no limit: it never stacks)."""
 
 DATA_FORMATS = ("pairs", "dict")
 """``data.args.format`` of the built-in language-model data: ``(inputs, targets)`` items or dicts."""
@@ -175,26 +170,6 @@ def build_model(
     return model
 
 
-def build_dataset(
-    name: str,
-    args: Mapping[str, Any] | None = None,
-    *,
-    seed: int,
-    import_paths: Sequence[str | os.PathLike[str]] = (),
-) -> tuple[Tensor, Tensor]:
-    """Build the ``(inputs, targets)`` a job names: a built-in or ``package.module:factory``.
-
-    Built-ins are listed in :data:`BUILTIN_DATASETS`; ``"text"`` is
-    :func:`~ngd_dist.service.data.datasets.text_file` (``args: {path, block_size}``) and
-    ``"tensor_file"`` is :func:`~ngd_dist.service.data.datasets.image_folder_tensors` (``args:
-    {path}``). The job ``seed`` is passed to every factory with a ``seed`` parameter unless ``args``
-    sets ``seed`` itself (an explicit
-    ``data.args.seed`` wins). Raises ``ValueError`` naming ``data.name`` or ``data.args[.<arg>]``.
-    """
-    result, _ = _produce(name, args, seed=seed, import_paths=import_paths)
-    return _as_tensors(name, result)
-
-
 def build_data(
     name: str,
     args: Mapping[str, Any] | None = None,
@@ -208,8 +183,10 @@ def build_data(
     :class:`~ngd_dist.service.data.loading.TensorPairs` (or, with ``data.args.format: dict``, a
     :class:`~ngd_dist.service.data.loading.TensorDicts` of ``input_ids``, ``attention_mask`` and
     ``labels``); a user factory's ``(inputs, targets)`` tensors are wrapped the same way, and a
-    Dataset it returns (map-style or iterable, any size) is used as it is. Arguments as for
-    :func:`build_dataset`; raises ``ValueError`` naming ``data.name`` or ``data.args[.<arg>]``.
+    Dataset it returns (map-style or iterable, any size) is used as it is. Built-ins are listed in
+    :data:`BUILTIN_DATASETS`. The job ``seed`` is passed to every factory with a ``seed`` parameter
+    unless ``args`` sets ``seed`` itself (an explicit ``data.args.seed`` wins). Raises
+    ``ValueError`` naming ``data.name`` or ``data.args[.<arg>]``.
     """
     result, form = _produce(name, args, seed=seed, import_paths=import_paths)
     if isinstance(result, torch.utils.data.Dataset):
@@ -454,8 +431,6 @@ def _as_tensors(name: str, result: Any) -> tuple[Tensor, Tensor]:
                 f"data.name: {name!r} returned a pair of {type(inputs).__name__} and "
                 f"{type(targets).__name__}; expected two tensors"
             )
-    elif isinstance(result, torch.utils.data.Dataset):
-        inputs, targets = _stack(name, result)
     else:
         raise ValueError(
             f"data.name: {name!r} returned a {type(result).__name__}; expected (inputs, targets) tensors "
@@ -467,29 +442,3 @@ def _as_tensors(name: str, result: Any) -> tuple[Tensor, Tensor]:
             "they need the same, non-zero first dimension"
         )
     return inputs, targets
-
-
-def _stack(name: str, dataset: torch.utils.data.Dataset[Any]) -> tuple[Tensor, Tensor]:
-    if isinstance(dataset, torch.utils.data.IterableDataset) or not hasattr(dataset, "__len__"):
-        raise ValueError(
-            f"data.name: {name!r} returned an iterable or unsized Dataset; return (inputs, targets) "
-            "tensors or a map-style Dataset with __len__"
-        )
-    count = len(dataset)
-    if count > MAX_STACKED_SAMPLES:
-        raise ValueError(
-            f"data.name: {name!r} returned a Dataset of {count} items, more than the "
-            f"{MAX_STACKED_SAMPLES} that are stacked into memory; return (inputs, targets) tensors"
-        )
-    inputs: list[Tensor] = []
-    targets: list[Tensor] = []
-    for i in range(count):
-        item = dataset[i]
-        if not isinstance(item, (tuple, list)) or len(item) != 2:
-            raise ValueError(f"data.name: {name!r}: Dataset item {i} is not an (input, target) pair")
-        inputs.append(torch.as_tensor(item[0]))
-        targets.append(torch.as_tensor(item[1]))
-    try:
-        return torch.stack(inputs), torch.stack(targets)
-    except RuntimeError as exc:
-        raise ValueError(f"data.name: {name!r}: Dataset items cannot be stacked: {exc}") from exc

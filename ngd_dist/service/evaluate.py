@@ -21,10 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset, IterableDataset, Subset
 
+from ngd_dist.kfac.outputs import IGNORE_INDEX, logits_of
 from ngd_dist.service.data.loading import Batch, batch_labels, collate, to_device
-
-IGNORE_INDEX = -100
-"""Labels with this value carry no loss (the cross-entropy's ``ignore_index``, as in Hugging Face)."""
 
 
 @dataclass(frozen=True)
@@ -92,8 +90,8 @@ def model_logits(model: nn.Module, batch: Batch) -> Tensor:
         output = model(**{k: v for k, v in batch.items() if k != "labels"})
     else:
         output = model(batch[0])
-    logits = output if isinstance(output, Tensor) else getattr(output, "logits", None)
-    if not isinstance(logits, Tensor):
+    logits = logits_of(output)
+    if logits is None:
         raise TypeError(type(output).__name__)
     return logits
 

@@ -25,8 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeGuard
 
-METRICS_FILE = "metrics.jsonl"
-"""The name of the trainer's records in a run directory."""
+from ngd_dist.service.records import METRICS_FILE
 
 EVAL_METRICS = {"eval_accuracy": max, "eval_perplexity": min, "eval_loss": min}
 """The evaluation metrics, in the order a report prefers them, and which way is best."""

@@ -318,13 +318,14 @@ class Worker:
 
     # -- training ------------------------------------------------------------------------------
 
-    def _loss(self, logits: Tensor, targets: Tensor) -> Tensor:
-        """Mean cross-entropy of ``logits`` (``(..., classes)``) against ``targets`` (``(...)``);
-        labels equal to -100 carry no loss.
+    def _loss(self, logits: Tensor, labels: Tensor, *, shift: bool = False) -> Tensor:
+        """Mean cross-entropy of ``logits`` (``(..., classes)``) over the ``labels`` (``(...)``) that
+        are not -100 (0 when none is); for a causal LM (``shift``) ``logits[:, :-1]`` predict
+        ``labels[:, 1:]``.
         """
-        flat = logits.reshape(-1, logits.shape[-1]).float()
+        flat, targets = rows_and_targets(logits, labels, shift=shift)
         try:
-            return F.cross_entropy(flat, targets.reshape(-1), ignore_index=IGNORE_INDEX)
+            total = F.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="sum")
         except IndexError as exc:  # a label outside [0, classes): bad data, not a bug (no per-step check)
             classes = flat.shape[-1]
             raise JobError(
@@ -332,28 +333,13 @@ class Worker:
                 f"expected labels in [0, {classes}) or -100 (ignored)",
                 path="data",
             ) from exc
+        return total / (targets != IGNORE_INDEX).sum().clamp_min(1)
 
     def _shifts(self, batch: Batch) -> bool:
         """Whether the batch's labels are the Hugging Face causal-LM kind: the input ids themselves,
         which the logits of the previous position predict (a dict batch of a language model).
         """
         return isinstance(batch, dict) and self.parts.task == "language_model"
-
-    def _dict_loss(self, logits: Tensor, labels: Tensor, *, shift: bool) -> Tensor:
-        """The loss of a dict batch: mean cross-entropy over its labels that are not -100 (0 when
-        none is); for a causal LM (``shift``) ``logits[:, :-1]`` predict ``labels[:, 1:]``.
-        """
-        flat, targets = rows_and_targets(logits, labels, shift=shift)
-        try:
-            total = F.cross_entropy(flat, targets, ignore_index=IGNORE_INDEX, reduction="sum")
-        except IndexError as exc:
-            classes = flat.shape[-1]
-            raise JobError(
-                f"data: a label does not fit the model's {classes} outputs ({exc}); "
-                f"expected labels in [0, {classes}) or -100 (ignored)",
-                path="data",
-            ) from exc
-        return total / (targets != IGNORE_INDEX).sum().clamp_min(1)
 
     def _forward_loss(self, batch: Batch) -> Tensor:
         """The model's loss on one micro-batch: ``model(x)`` of ``(x, y)``, or ``model(**inputs)`` of a
@@ -367,10 +353,7 @@ class Worker:
                 "tensor of logits or an output with a .logits tensor (a transformers ModelOutput)",
                 path="model.name",
             ) from None
-        labels = batch_labels(batch)
-        if isinstance(batch, dict):
-            return self._dict_loss(logits, labels, shift=self._shifts(batch))
-        return self._loss(logits, labels)
+        return self._loss(logits, batch_labels(batch), shift=self._shifts(batch))
 
     def train_step(
         self, batch: Batch | Tensor, y: Tensor | None = None, *, stop: bool = False

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 
 from ngd_dist.kfac.config import KFACConfig
 from ngd_dist.kfac.preconditioner import KFACPreconditioner
 from ngd_dist.service.catalog import (
     BUILTIN_DATASETS,
     BUILTIN_MODELS,
-    build_dataset,
+    build_data,
     build_model,
     dataset_task_of,
     output_module_of,
@@ -30,8 +30,19 @@ from ngd_dist.service.data.datasets import (
     synthetic_tokens,
     text_file,
 )
+from ngd_dist.service.data.loading import TensorPairs
 from ngd_dist.service.models import gpt, mlp, resnet18, small_cnn
 from tests.support import FIXTURES
+
+
+def build_dataset(name: str, args: dict[str, object] | None, **kwargs: object) -> tuple[Tensor, Tensor]:
+    """The job's data as ``(inputs, targets)`` tensors: :func:`build_data`'s items, stacked."""
+    data = build_data(name, args, **kwargs)  # type: ignore[arg-type]
+    if isinstance(data, TensorPairs):
+        return data.inputs, data.targets
+    items = [data[i] for i in range(len(data))]  # type: ignore[arg-type]
+    return torch.stack([x for x, _ in items]), torch.stack([torch.as_tensor(y) for _, y in items])
+
 
 
 def _kfac_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, head: str) -> KFACPreconditioner:

@@ -44,6 +44,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Sampler, default_collate, get_worker_info
 
+from ngd_dist.kfac.outputs import IGNORE_INDEX
+
 __all__ = [
     "IGNORE_INDEX",
     "Batch",
@@ -64,8 +66,6 @@ __all__ = [
 Batch = tuple[Tensor, Tensor] | dict[str, Tensor]
 """One batch: ``(inputs, targets)``, or a dict of tensors (model inputs by keyword, and ``"labels"``)."""
 
-IGNORE_INDEX = -100
-"""A label with this value carries no loss and is no token (padding; the Hugging Face convention)."""
 
 
 class DataError(ValueError):
