@@ -356,3 +356,19 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def refused_in_process(capsys: Any, *argv: str, quiet_stdout: bool = False) -> str:
+    """``ngd-dist *argv`` run in this process refused its input: exit 2 and one line on stderr (no
+    traceback), which is returned; ``quiet_stdout``: nothing printed on stdout either."""
+    from ngd_dist.cli import main
+
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    assert code == 2, (out, err)
+    if quiet_stdout:
+        assert out == ""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]

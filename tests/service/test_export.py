@@ -15,7 +15,7 @@ from ngd_dist.cli import main
 from ngd_dist.service.catalog import build_model
 from ngd_dist.service.checkpoint import CheckpointStore
 from ngd_dist.service.jobs import job_to_dict, load_job
-from tests.support import QUICK
+from tests.support import QUICK, refused_in_process
 
 ARGS = {"in_features": 64, "hidden": 128, "classes": 10}
 
@@ -35,13 +35,7 @@ def _checkpoints(directory: Path, steps: tuple[int, ...], *, prefix: str = "") -
 
 
 def _refused(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
-    code = main(list(argv))
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
+    return refused_in_process(capsys, *argv)
 
 
 def test_export_the_newest_checkpoint_and_load_it_into_a_fresh_model(

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from ngd_dist.cli import main
-from tests.support import QUICK, ROOT, sets
+from tests.support import QUICK, ROOT, refused_in_process, sets
 
 OPTIONAL = ("deepspeed", "mpi4py", "transformers", "peft", "matplotlib")
 """What the quickstart must run without."""
@@ -79,13 +79,7 @@ def without(monkeypatch: pytest.MonkeyPatch) -> Callable[..., None]:
 
 
 def _refused(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
-    code = main(list(argv))
-    out, err = capsys.readouterr()
-    assert code == 2, (out, err)
-    assert out == ""  # no launcher command printed
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    return lines[0]
+    return refused_in_process(capsys, *argv, quiet_stdout=True)
 
 
 def test_launcher_deepspeed_without_the_extra(

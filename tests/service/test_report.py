@@ -11,6 +11,7 @@ import pytest
 
 from ngd_dist.cli import main
 from ngd_dist.service.runs import read_run
+from tests.support import refused_in_process
 
 
 def _step(step: int, loss: float | None, wall: float, **extra: object) -> dict[str, object]:
@@ -81,13 +82,7 @@ def test_without_evaluations_two_panels(runs: tuple[Path, Path], tmp_path: Path)
 
 
 def _refused(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
-    code = main(list(argv))
-    err = capsys.readouterr().err
-    assert code == 2, err
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
+    return refused_in_process(capsys, *argv)
 
 
 def test_runs_that_cannot_be_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ngd_dist.cli import main
-from tests.support import QUICK, ROOT, sets
+from tests.support import QUICK, ROOT, refused_in_process, sets
 
 
 def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -19,13 +19,7 @@ def _run(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]
 
 
 def _refused(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
-    """The one line a refused command prints (asserting exit 2, one line, no traceback)."""
-    code, out, err = _run(capsys, *argv)
-    assert code == 2, (out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
+    return refused_in_process(capsys, *argv)
 
 
 @pytest.fixture
