@@ -28,8 +28,9 @@ system-packages:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	    $(SYSTEM_PACKAGES); fi
 
-# The quickstart's install: no extras, no Debian packages (DeepSpeed, mpi4py, transformers and
-# matplotlib are the extras deepspeed, mpi, hf and bench: pip install -e '.[deepspeed]').
+# The quickstart's install: no extras, no Debian packages (DeepSpeed, mpi4py, transformers, Pillow,
+# datasets, tensorboard and matplotlib are the extras deepspeed, mpi, hf, images, datasets, tensorboard
+# and bench: pip install -e '.[deepspeed]').
 $(RUN_STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) $(TORCH_SPEC)
@@ -40,7 +41,7 @@ $(RUN_STAMP): pyproject.toml
 $(STAMP): pyproject.toml | system-packages
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) $(TORCH_SPEC)
-	$(PIP) -e '.[dev,bench,hf,deepspeed,mpi,images]'
+	$(PIP) -e '.[dev,bench,hf,deepspeed,mpi,images,datasets,tensorboard]'
 	touch $(STAMP) $(RUN_STAMP)
 
 # The 2-rank CPU quickstart (torchrun, gloo); checkpoints in runs/quickstart, started afresh each time.

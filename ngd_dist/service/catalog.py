@@ -7,7 +7,9 @@ arguments raises ``ValueError`` naming the job field (``model.name``, ``data.arg
 
 The Hugging Face models (``hf_causal_lm``, ``hf_sequence_classification``,
 :mod:`ngd_dist.service.models`) need the ``hf`` extra (``transformers``); without it they are
-refused in one line naming ``model.name``.
+refused in one line naming ``model.name``. Of the built-in data, ``image_folder`` needs the
+``images`` extra (Pillow) and ``hf_files`` (Hugging Face ``datasets`` from local files,
+:mod:`ngd_dist.service.data.hf_files`) the ``datasets`` extra (:func:`missing_data_extra`).
 
 User factories
 --------------
@@ -57,7 +59,7 @@ import torch
 from torch import Tensor, nn
 
 from ngd_dist.service import models
-from ngd_dist.service.data import datasets, folders
+from ngd_dist.service.data import datasets, folders, hf_files
 from ngd_dist.service.data.loading import TensorDicts, TensorPairs
 
 Task = Literal["classification", "language_model"]
@@ -83,11 +85,19 @@ class BuiltinModel:
 
 @dataclass(frozen=True)
 class BuiltinDataset:
-    """A built-in dataset: its factory and the task its targets are for."""
+    """A built-in dataset: its factory, the task its targets are for, the extra it needs and the
+    check of its arguments that reads no data.
+    """
 
     factory: Callable[..., Any]
     """Returns ``(inputs, targets)`` tensors, or a map-style Dataset read item by item."""
-    task: Task
+    task: Task | None
+    """None: the items are whatever the model's task needs (``hf_files``)."""
+    extra: str | None = None
+    """The extra of ``pyproject.toml`` it needs (a key of :data:`EXTRA_MODULES`), if any."""
+    check: Callable[..., Any] | None = None
+    """Called with the factory's arguments by ``ngd-dist validate``: a one-line ``ValueError`` for
+    what the factory would refuse (missing files, ...), reading no data."""
 
 
 BUILTIN_MODELS: Mapping[str, BuiltinModel] = {
@@ -106,10 +116,45 @@ BUILTIN_DATASETS: Mapping[str, BuiltinDataset] = {
     "synthetic_tokens": BuiltinDataset(datasets.synthetic_tokens, "language_model"),
     "text": BuiltinDataset(datasets.text_file, "language_model"),
     "tensor_file": BuiltinDataset(datasets.image_folder_tensors, "classification"),
-    "image_folder": BuiltinDataset(folders.image_folder, "classification"),
+    "image_folder": BuiltinDataset(folders.image_folder, "classification", extra="images"),
     "cifar10": BuiltinDataset(folders.cifar10, "classification"),
+    "hf_files": BuiltinDataset(hf_files.hf_files, None, extra="datasets", check=hf_files.check_args),
 }
 """Built-in datasets by job name."""
+
+EXTRA_MODULES: Mapping[str, str] = {
+    "deepspeed": "deepspeed",
+    "mpi": "mpi4py",
+    "images": "PIL",
+    "datasets": "datasets",
+    "tensorboard": "tensorboard",
+}
+"""The optional extras of ``pyproject.toml`` the service checks for, and the module each installs."""
+
+
+def missing_extra(extra: str, what: str) -> str | None:
+    """The one-line refusal of ``what`` (``"--launcher deepspeed"``) when the module of ``extra``
+    (:data:`EXTRA_MODULES`) is not installed; None when it is.
+    """
+    module = EXTRA_MODULES[extra]
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if found:
+        return None
+    package = f" ({module})" if module != extra else ""
+    return f"{what} needs the {extra!r} extra{package}: pip install 'ngd_dist[{extra}]'"
+
+
+def missing_data_extra(name: str) -> str | None:
+    """The one-line refusal of built-in data ``name`` when the extra it needs is not installed
+    (naming ``data.name``); None when it can be built (or ``name`` is not a built-in).
+    """
+    spec = BUILTIN_DATASETS.get(name)
+    if spec is None or spec.extra is None:
+        return None
+    return missing_extra(spec.extra, f"data.name: {name}")
 
 
 def needs_hf_extra(name: str) -> str | None:
@@ -213,7 +258,8 @@ def _produce(
     """
     factory, builtin = _resolve("data", name, BUILTIN_DATASETS, import_paths)
     form = "pairs"
-    if builtin and isinstance(args, Mapping) and "format" in args:
+    own_format = "format" in (_parameters(factory) or {})  # hf_files: the files' format
+    if builtin and isinstance(args, Mapping) and "format" in args and not own_format:
         if BUILTIN_DATASETS[name].task != "language_model":
             raise ValueError(
                 f"data.args.format: {name!r} takes no argument 'format' (only the language-model data "
@@ -226,7 +272,7 @@ def _produce(
     kwargs = _check_args("data", name, factory, args, builtin=builtin)
     if "seed" not in kwargs and "seed" in (_parameters(factory) or {}):
         kwargs["seed"] = seed
-    return _call("data", name, factory, kwargs), form
+    return _call("data", name, factory, kwargs, builtin=builtin), form
 
 
 def output_module_of(name: str, model: nn.Module | None = None) -> str | None:
@@ -412,9 +458,17 @@ def _check_type(field: str, name: str, param: inspect.Parameter, value: Any) -> 
         )
 
 
-def _call(field: str, name: str, factory: Callable[..., Any], kwargs: dict[str, Any]) -> Any:
+def _call(
+    field: str, name: str, factory: Callable[..., Any], kwargs: dict[str, Any], *, builtin: bool = False
+) -> Any:
     try:
         return factory(**kwargs)
+    except ValueError as exc:
+        if builtin and str(exc).startswith(f"{field}."):  # a built-in's own one line, naming the key
+            raise
+        raise ValueError(
+            f"{field}.args: building {name!r} with {kwargs!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
     except TypeError as exc:
         raise ValueError(f"{field}.args: {name!r} rejected the arguments {kwargs!r}: {exc}") from exc
     except Exception as exc:

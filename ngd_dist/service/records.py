@@ -11,7 +11,9 @@ Rank 0 writes, into the run directory (``checkpoint.dir``):
   ``wall_s`` and ``eval_loss`` with ``eval_accuracy`` or ``eval_perplexity``.
 
 On resume the records after the resumed step are dropped (that part of the run is done again); a
-run that starts afresh starts a new file. ``ngd-dist report RUN_DIR ...`` plots them.
+run that starts afresh starts a new file. ``ngd-dist report RUN_DIR ...`` plots them. With
+``metrics.tensorboard: true`` every record is also written as TensorBoard scalars into event files
+in the same directory (:mod:`ngd_dist.service.tensorboard_events`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,10 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:
+    from ngd_dist.service.tensorboard_events import EventFiles
 
 METRICS_FILE = "metrics.jsonl"
 JOB_FILE = "job.yaml"
@@ -49,14 +54,20 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 
 class RunRecord:
-    """Rank 0's writer of ``job.yaml`` and ``metrics.jsonl`` (does nothing elsewhere, or without a
-    directory).
+    """Rank 0's writer of ``job.yaml`` and ``metrics.jsonl``, and of TensorBoard event files when
+    asked (does nothing elsewhere, or without a directory).
     """
 
-    def __init__(self, directory: str | os.PathLike[str] | None, *, enabled: bool) -> None:
-        """Write into ``directory`` when ``enabled`` (rank 0) and a directory is set."""
+    def __init__(
+        self, directory: str | os.PathLike[str] | None, *, enabled: bool, tensorboard: bool = False
+    ) -> None:
+        """Write into ``directory`` when ``enabled`` (rank 0) and a directory is set; TensorBoard
+        event files too with ``tensorboard``.
+        """
         self.directory = Path(directory) if directory is not None and enabled else None
+        self.tensorboard = tensorboard
         self._file: TextIO | None = None
+        self._events: EventFiles | None = None
         self.wall_offset = 0.0
         """Training seconds of the records kept from before a resume."""
 
@@ -82,6 +93,10 @@ class RunRecord:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, path)
         self._file = path.open("a")
+        if self.tensorboard:
+            from ngd_dist.service.tensorboard_events import EventFiles
+
+            self._events = EventFiles(self.directory, resumed_step)
 
     def write(self, record: dict[str, Any]) -> None:
         """Append one record and flush it."""
@@ -89,9 +104,14 @@ class RunRecord:
             return
         self._file.write(json.dumps(_plain(record)) + "\n")
         self._file.flush()
+        if self._events is not None:
+            self._events.write(record)
 
     def close(self) -> None:
-        """Close the file."""
+        """Close the files."""
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self._events is not None:
+            self._events.close()
+            self._events = None

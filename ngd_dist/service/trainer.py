@@ -489,7 +489,9 @@ class Worker:
         metrics = open_exporter(job.metrics, self.env)  # first: a taken port stops the job in one line
         if self.parts.precond is not None:
             log.info("%s", self.parts.precond.summary())
-        record = RunRecord(job.checkpoint.dir, enabled=self.env.rank == 0)
+        record = RunRecord(
+            job.checkpoint.dir, enabled=self.env.rank == 0, tensorboard=job.metrics.tensorboard
+        )
         record.start(job_to_yaml(job), resumed)
         bar = _Progress(job.train.steps, self.step, enabled=self.env.rank == 0)
         first = last = math.nan

@@ -344,7 +344,7 @@ def test_build_model_seed_is_deterministic_and_leaves_global_rng_alone() -> None
 
 def test_builtin_datasets_by_name(tmp_path: Path) -> None:
     assert set(BUILTIN_DATASETS) == {
-        "digits", "synthetic_images", "synthetic_tokens", "text", "tensor_file", "image_folder", "cifar10",
+        "digits", "synthetic_images", "synthetic_tokens", "text", "tensor_file", "image_folder", "cifar10", "hf_files",
     }
     assert build_dataset("digits", {}, seed=0)[0].shape == (1797, 1, 8, 8)
     args = {"n_sequences": 8, "block_size": 4, "vocab_size": 10}

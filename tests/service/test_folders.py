@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from ngd_dist.service.catalog import build_data
-from tests.support import QUICK, run_cli, sets, summary_of
+from tests.support import QUICK, assert_same_params, checkpoint_params, run_cli, sets, summary_of
 
 
 def _image_folder(root: Path) -> dict[str, list[np.ndarray]]:
@@ -85,3 +85,72 @@ def test_a_job_trains_on_an_image_folder_with_loader_workers(tmp_path: Path) -> 
     assert "done: steps=3" in summary
     assert first > 0
     assert last > 0
+
+
+def test_cifar10_augmentation_crops_and_flips_by_seed_epoch_and_index(tmp_path: Path) -> None:
+    data = _cifar_bin(tmp_path / "cifar-10-batches-bin", 4)
+    plain = build_data("cifar10", {"path": str(tmp_path)}, seed=0)
+    augmented = build_data("cifar10", {"path": str(tmp_path), "augment": True, "padding": 2}, seed=0)
+    assert len(augmented) == len(plain) == 20
+    assert not hasattr(plain, "set_epoch")  # no augmentation: the loader's workers persist across epochs
+
+    def is_crop_or_flip_of(x: torch.Tensor, original: torch.Tensor, pad: int) -> bool:
+        padded = torch.nn.functional.pad(original, (pad, pad, pad, pad))
+        for image in (padded, padded.flip(-1)):
+            for dy in range(2 * pad + 1):
+                for dx in range(2 * pad + 1):
+                    if torch.equal(image[:, dy : dy + 32, dx : dx + 32], x):
+                        return True
+        return False
+
+    draws = []
+    for epoch in (0, 1):
+        augmented.set_epoch(epoch)
+        draws.append([augmented[i][0] for i in range(20)])
+    for i in range(20):
+        x, y = augmented[i]
+        assert int(y) == int(plain[i][1])
+        assert tuple(x.shape) == (3, 32, 32)
+        assert torch.equal(x, draws[1][i])  # a function of (seed, epoch, index): the same when read again
+        original = torch.from_numpy(data[i % 4, 1:].copy()).float().view(3, 32, 32) / 255
+        torch.testing.assert_close(plain[i][0], original)
+        assert is_crop_or_flip_of(x, original, 2)
+    assert sum(not torch.equal(a, b) for a, b in zip(*draws, strict=True)) > 10  # new draws each epoch
+    assert sum(not torch.equal(a, p[0]) for a, p in zip(draws[0], plain, strict=True)) > 10
+    other_seed = build_data("cifar10", {"path": str(tmp_path), "augment": True, "padding": 2, "seed": 1}, seed=0)
+    assert any(not torch.equal(other_seed[i][0], draws[0][i]) for i in range(20))
+
+
+def test_cifar10_with_augmentation_in_two_loader_workers_resumes_mid_epoch_bit_identical(tmp_path: Path) -> None:
+    """`ngd-dist launch --nproc 2`, 2 loader workers a rank: 6 steps straight, against a resume at step 3
+    of the same run (epochs of 5 steps: the resume is mid-epoch, the run crosses into the next)."""
+    _cifar_bin(tmp_path / "cifar" / "cifar-10-batches-bin", 8)  # 40 training images
+    common = sets(
+        "metrics.port=0", "train.steps=6", "train.log_every=3", "train.eval_every=0", "checkpoint.every=3",
+        "schedule.name=constant", "batch.per_rank=4",
+        'model={"name": "small_cnn", "args": {"channels": 3, "classes": 10, "side": 32, "width": 1}}',
+        f'data={{"name": "cifar10", "args": {{"path": "{tmp_path / "cifar"}", "augment": true}}, "num_workers": 2}}',
+    )  # fmt: skip
+    launch = ["launch", QUICK, "--launcher", "torchrun", "--nproc", "2", *common]
+    full, part = tmp_path / "full", tmp_path / "part"
+    straight = run_cli(*launch, *sets(f"checkpoint.dir={full}"), timeout=180)
+    assert straight.returncode == 0, straight.stdout[-2000:] + straight.stderr[-3000:]
+    part.mkdir()
+    for rank in (0, 1):
+        name = f"step-00000003.rank{rank}-of2.pt"
+        (part / name).write_bytes((full / name).read_bytes())
+    resumed = run_cli(*launch, *sets(f"checkpoint.dir={part}"), timeout=180)
+    assert resumed.returncode == 0, resumed.stdout[-2000:] + resumed.stderr[-3000:]
+    assert "resumed_from=3" in resumed.stdout, resumed.stdout[-2000:]
+    for rank in (0, 1):
+        assert_same_params(checkpoint_params(part, 6, rank, 2), checkpoint_params(full, 6, rank, 2), f"rank {rank}")
+    assert_same_params(checkpoint_params(full, 6, 1, 2), checkpoint_params(full, 6, 0, 2), "rank 1 vs 0")
+
+
+def test_augmentation_is_refused_with_a_held_out_split() -> None:
+    from ngd_dist.service.jobs import JobError, job_from_dict
+
+    job = {"data": {"name": "cifar10", "args": {"path": "x", "augment": True}, "holdout": 0.1}, "train": {"eval_every": 5}}
+    with pytest.raises(JobError, match=r"data\.args\.augment: got True; expected false with data\.holdout"):
+        job_from_dict(job)
+    job_from_dict({**job, "train": {"eval_every": 0}})

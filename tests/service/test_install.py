@@ -13,7 +13,7 @@ import pytest
 from ngd_dist.cli import main
 from tests.support import QUICK, ROOT, refused_in_process, sets
 
-OPTIONAL = ("deepspeed", "mpi4py", "transformers", "peft", "matplotlib")
+OPTIONAL = ("deepspeed", "mpi4py", "transformers", "peft", "matplotlib", "datasets", "tensorboard")
 """What the quickstart must run without."""
 
 
@@ -33,6 +33,8 @@ def test_deepspeed_and_mpi4py_are_extras() -> None:
     assert _names(extras["deepspeed"]) == {"deepspeed"}
     assert _names(extras["mpi"]) == {"mpi4py"}
     assert _names(extras["plot"]) == _names(extras["bench"]) == {"matplotlib"}
+    assert _names(extras["datasets"]) == {"datasets"}
+    assert _names(extras["tensorboard"]) == {"tensorboard"}
 
 
 def _dry_run(target: str) -> str:
@@ -48,7 +50,7 @@ def test_make_run_installs_only_what_the_quickstart_needs() -> None:
     for absent in ("apt-get", "openmpi", "buildah", "deepspeed", "mpi]", "hf", "bench", "dev"):
         assert absent not in run, absent
     test = _dry_run("test")
-    assert "-e '.[dev,bench,hf,deepspeed,mpi,images]'" in test
+    assert "-e '.[dev,bench,hf,deepspeed,mpi,images,datasets,tensorboard]'" in test
     assert "apt-get" in test
     assert "pytest" in test
 
@@ -110,3 +112,14 @@ def test_mpi_without_the_extra(without: Callable[..., None], capsys: pytest.Capt
     )
     # validating for another machine does not look at this one's packages
     assert main(["validate", QUICK, *sets("distributed.transport=mpi"), "--target", "cpu"]) == 0
+
+
+def test_data_that_needs_a_missing_extra_is_refused_by_validate(
+    without: Callable[..., None], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    without("PIL")
+    folder = sets("data.name=image_folder", f"data.args={{path: '{tmp_path}'}}")
+    line = _refused(capsys, "validate", QUICK, *folder)
+    assert line.endswith("data.name: image_folder needs the 'images' extra (PIL): pip install 'ngd_dist[images]'")
+    # validating for another machine does not look at this one's packages
+    assert main(["validate", QUICK, *folder, "--target", "cpu"]) == 0

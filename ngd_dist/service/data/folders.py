@@ -11,6 +11,8 @@
 
 Both give ``(image, label)`` items: a float32 ``(C, H, W)`` tensor in [0, 1] (optionally
 standardised per channel) and an int64 label; both need no download and no torchvision.
+``cifar10`` augments on request (random crops and flips, in the loader's workers, reproducible
+per item and epoch: :class:`AugmentedCIFAR10`).
 """
 
 from __future__ import annotations
@@ -138,16 +140,68 @@ class CIFAR10(Dataset[tuple[Tensor, Tensor]]):
         return _standardise(x, self.mean, self.std), torch.tensor(int(record[0]))
 
 
+def _mixed_seed(seed: int, epoch: int, index: int) -> int:
+    """One 63-bit seed per ``(seed, epoch, index)``: fixed odd multipliers spread them apart."""
+    return (seed * 0x9E3779B97F4A7C15 + epoch * 0xBF58476D1CE4E5B9 + index * 0x94D049BB133111EB + 11) % 2**63
+
+
+class AugmentedCIFAR10(CIFAR10):
+    """:class:`CIFAR10` with a random crop (after zero padding) and a random horizontal flip.
+
+    The draws of item ``i`` come from a generator seeded by ``(seed, epoch, i)``: an item is the
+    same whichever DataLoader worker reads it (so a resumed run reads what an uninterrupted one
+    did), and different in each epoch (the loader calls :meth:`set_epoch` before each one).
+    """
+
+    def __init__(
+        self,
+        files: list[Path],
+        mean: Sequence[float] | None,
+        std: Sequence[float] | None,
+        padding: int,
+        seed: int,
+    ) -> None:
+        """Map ``files``; crop 32 x 32 out of the image padded by ``padding`` pixels on each side."""
+        super().__init__(files, mean, std)
+        self.padding, self.seed, self.epoch = padding, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw epoch ``epoch``'s crops and flips from now on."""
+        self.epoch = epoch
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        """Image ``index`` cropped and maybe flipped (before standardisation), and its label."""
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        which = int(np.searchsorted(self.offsets, index, side="right")) - 1
+        record = np.array(self.maps[which][index - self.offsets[which]])
+        x = torch.from_numpy(record[1:]).float().div_(255.0).view(3, 32, 32)
+        gen = torch.Generator().manual_seed(_mixed_seed(self.seed, self.epoch, index))
+        side = 2 * self.padding + 1
+        dy, dx = torch.randint(side, (2,), generator=gen).tolist()
+        flip = bool(torch.rand(1, generator=gen) < 0.5)
+        if self.padding:
+            x = torch.nn.functional.pad(x, (self.padding,) * 4)[:, dy : dy + 32, dx : dx + 32]
+        if flip:
+            x = x.flip(-1)
+        return _standardise(x, self.mean, self.std), torch.tensor(int(record[0]))
+
+
 def cifar10(
     path: str | os.PathLike[str],
     split: str = "train",
     mean: list[float] | None = None,
     std: list[float] | None = None,
+    augment: bool = False,
+    padding: int = 4,
+    seed: int = 0,
 ) -> CIFAR10:
     """CIFAR-10's binary version in ``path`` (the ``cifar-10-batches-bin`` folder, or its parent).
 
     ``split``: ``"train"`` (the five data batches) or ``"test"``; ``mean`` / ``std``: per-channel
-    standardisation after scaling to [0, 1].
+    standardisation after scaling to [0, 1]; ``augment``: a random 32 x 32 crop of the image
+    zero-padded by ``padding`` pixels, and a random horizontal flip, drawn per ``(seed, epoch,
+    index)`` (:class:`AugmentedCIFAR10`; ``seed`` is the job's unless set).
     """
     root = Path(path)
     if (root / "cifar-10-batches-bin").is_dir():
@@ -172,4 +226,8 @@ def cifar10(
                 f"data.args.path: {str(f)!r} is {f.stat().st_size} bytes, not a whole number of "
                 f"{CIFAR_RECORD}-byte CIFAR-10 records"
             )
+    if isinstance(padding, bool) or not isinstance(padding, int) or not 0 <= padding <= 16:
+        raise ValueError(f"data.args.padding: got {padding!r}; expected an integer in [0, 16]")
+    if augment:
+        return AugmentedCIFAR10(files, mean, std, padding, seed)
     return CIFAR10(files, mean, std)

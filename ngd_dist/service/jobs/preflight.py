@@ -10,7 +10,8 @@ traceback:
   ``--target cpu`` checks for another machine instead: this one's CUDA and installed extras are not
   looked at.
 - **the optional extras**: ``distributed.transport: mpi`` and ``--launcher mpirun`` need mpi4py (the
-  ``mpi`` extra), ``--launcher deepspeed`` needs DeepSpeed (the ``deepspeed`` extra).
+  ``mpi`` extra), ``--launcher deepspeed`` needs DeepSpeed (the ``deepspeed`` extra),
+  ``metrics.tensorboard: true`` the ``tensorboard`` extra.
 - **the model**: the factory is imported and called with ``model.args`` on PyTorch's ``meta``
   device, which allocates no memory and initialises nothing, so a model of any size is built
   without memory, usually in milliseconds (a built-in's arguments are checked by name and type
@@ -20,15 +21,16 @@ traceback:
   ``train`` and ``launch``. ``preconditioner.output_module`` must name one of the built model's
   submodules (or the model must declare one, when the curvature needs the logits).
 - **the data**: a ``package.module:factory`` is imported and its arguments checked against its
-  signature (a built-in's by name and type); the data itself is not read (a missing data file is
-  the workers' one-line error, at their start).
+  signature (a built-in's by name and type); the data itself is not read. On this machine, a
+  built-in's extra is checked (``image_folder``: Pillow, ``hf_files``: ``datasets``) and
+  ``hf_files``' files must exist; other missing data files are the workers' one-line error, at
+  their start.
 
 Every problem is a :class:`~ngd_dist.service.jobs.errors.JobError` naming the key: one line, exit 2.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -43,7 +45,7 @@ from ngd_dist.service.jobs.schema import Job
 TARGETS = ("here", "cpu", "gpu")
 """``--target`` of ``ngd-dist validate``: this machine, or another one with (gpu) or without CUDA (cpu)."""
 
-EXTRAS = {"deepspeed": "deepspeed", "mpi": "mpi4py"}
+EXTRAS = catalog.EXTRA_MODULES
 """The optional extras of ``pyproject.toml`` the service checks for, and the module each installs."""
 
 _MAX_LISTED = 12
@@ -79,15 +81,7 @@ def missing_extra(extra: str, what: str) -> str | None:
     """The one-line refusal of ``what`` (``"--launcher deepspeed"``) when the module of ``extra``
     (:data:`EXTRAS`) is not installed; None when it is.
     """
-    module = EXTRAS[extra]
-    try:
-        found = importlib.util.find_spec(module) is not None
-    except (ImportError, ValueError):
-        found = False
-    if found:
-        return None
-    package = f" ({module})" if module != extra else ""
-    return f"{what} needs the {extra!r} extra{package}: pip install 'ngd_dist[{extra}]'"
+    return catalog.missing_extra(extra, what)
 
 
 def check_launcher(launcher: str | None, machine: Machine) -> None:
@@ -122,6 +116,10 @@ def check_machine(job: Job, machine: Machine, *, hint: str = "") -> list[str]:
         missing = missing_extra("mpi", "distributed.transport: mpi")
         if missing is not None:
             raise JobError(missing, path="distributed.transport")
+    if machine.here and job.metrics.tensorboard:
+        missing = missing_extra("tensorboard", "metrics.tensorboard: true")
+        if missing is not None:
+            raise JobError(missing, path="metrics.tensorboard")
     return notes
 
 
@@ -219,18 +217,27 @@ def check_model(job: Job, import_paths: Sequence[str] = (), *, real_fallback: bo
     return ModelCheck(parameters, logits, f"model {name}: {parameters:,} parameters{where}")
 
 
-def check_data(job: Job, import_paths: Sequence[str] = ()) -> None:
+def check_data(job: Job, import_paths: Sequence[str] = (), *, here: bool = True) -> None:
     """Import the job's data factory and check its arguments; the data itself is not read.
 
+    ``here``: the job runs on this machine, so a built-in's files and extra are checked too
+    (``hf_files``: its files exist; ``image_folder``, ``hf_files``: Pillow, ``datasets``).
     JobError naming ``data.name`` or ``data.args[.<arg>]``.
     """
     name, args = job.data.name, dict(job.data.args)
     try:
         # The catalog's own resolution and argument checks, without calling the factory.
         factory, builtin = catalog._resolve("data", name, catalog.BUILTIN_DATASETS, import_paths)
-        if builtin and catalog.BUILTIN_DATASETS[name].task == "language_model":
+        spec = catalog.BUILTIN_DATASETS[name] if builtin else None
+        if spec is not None and spec.task == "language_model":
             args.pop("format", None)  # the item format of the built-in language-model data
-        catalog._check_args("data", name, factory, args, builtin=builtin)
+        kwargs = catalog._check_args("data", name, factory, args, builtin=builtin)
+        if spec is not None and here:
+            if spec.check is not None:
+                spec.check(**kwargs)
+            missing = catalog.missing_data_extra(name)
+            if missing is not None:
+                raise ValueError(missing)
     except ValueError as exc:
         raise _as_job_error(exc) from None
 
@@ -252,5 +259,5 @@ def check_job(
     check_launcher(launcher, machine)
     notes = check_machine(job, machine, hint=hint)
     notes.append(check_model(job, import_paths, real_fallback=real_fallback).note)
-    check_data(job, import_paths)
+    check_data(job, import_paths, here=machine.here)
     return notes

@@ -123,7 +123,9 @@ class DataSpec(_FactorySpec):
     """``"digits"`` (embedded), ``"synthetic_images"``, ``"synthetic_tokens"``, ``"text"``,
     ``"tensor_file"`` (a .pt of images and labels, ``args.path``), ``"image_folder"`` (``args.path``:
     ``root/<class>/<image>``, read item by item; the ``images`` extra), ``"cifar10"`` (``args.path``:
-    CIFAR-10's binary version, memory-mapped), or ``"package.module:factory"``
+    CIFAR-10's binary version, memory-mapped; ``args.augment``: random crops and flips),
+    ``"hf_files"`` (``args.files``: local json, csv, parquet or text files read with Hugging Face
+    ``datasets``; the ``datasets`` extra), or ``"package.module:factory"``
     returning tensors or a ``torch.utils.data.Dataset`` (docs/data.md). ``synthetic_tokens`` and
     ``text`` take ``args.format: dict`` for Hugging Face style dict batches."""
 
@@ -468,6 +470,10 @@ class MetricsSpec(Spec):
     """Samples in each rank's probe batch for ``quality_every`` (drawn once from the training data,
     different on each rank), >= 1."""
 
+    tensorboard: bool = field(default=False, metadata=flag())
+    """Also write TensorBoard event files into the run directory (``checkpoint.dir``, which must be
+    set): the scalars of each ``metrics.jsonl`` record (rank 0). Needs the ``tensorboard`` extra."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class DistributedSpec(Spec):
@@ -552,6 +558,20 @@ class Job:
         return job
 
     def _check_across(self) -> None:
+        if self.metrics.tensorboard and not self.checkpoint.dir:
+            raise JobError.invalid(
+                "metrics.tensorboard",
+                True,
+                "false unless checkpoint.dir is set (the run directory the event files are written into)",
+            )
+        evaluates = self.train.eval_every > 0 and self.data.holdout > 0
+        if evaluates and self.data.name == "cifar10" and self.data.args.get("augment") is True:
+            raise JobError.invalid(
+                "data.args.augment",
+                True,
+                "false with data.holdout and train.eval_every > 0: the held-out images would be augmented "
+                "too (evaluate without augmentation, or set train.eval_every to 0)",
+            )
         if self.train.eval_every > 0 and self.data.holdout == 0:
             raise JobError.invalid(
                 "train.eval_every",
