@@ -28,13 +28,14 @@ system-packages:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
 	    $(SYSTEM_PACKAGES); fi
 
-# The quickstart's install: no extras, no Debian packages (DeepSpeed, mpi4py, transformers, Pillow,
-# datasets, tensorboard and matplotlib are the extras deepspeed, mpi, hf, images, datasets, tensorboard
-# and bench: pip install -e '.[deepspeed]').
-$(RUN_STAMP): pyproject.toml
+# The quickstart's install: the package and the plot extra (matplotlib, for its figure), no other
+# extra, no Debian packages (DeepSpeed, mpi4py, transformers, Pillow, datasets and tensorboard are the
+# extras deepspeed, mpi, hf, images, datasets and tensorboard: pip install -e '.[deepspeed]'). Redone
+# when this file changes, so that a venv made by an older rule gets what `run` now needs.
+$(RUN_STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) $(TORCH_SPEC)
-	$(PIP) -e .
+	$(PIP) -e '.[plot]'
 	touch $(RUN_STAMP)
 
 # Everything the tests use: every extra, and the Debian packages (mpi4py builds against Open MPI).
@@ -44,9 +45,13 @@ $(STAMP): pyproject.toml | system-packages
 	$(PIP) -e '.[dev,bench,hf,deepspeed,mpi,images,datasets,tensorboard]'
 	touch $(STAMP) $(RUN_STAMP)
 
-# The 2-rank CPU quickstart (torchrun, gloo); checkpoints in runs/quickstart, started afresh each time.
+# The 2-rank CPU quickstart (torchrun, gloo), started afresh each time; its run record (job.yaml,
+# metrics.jsonl), checkpoints and figure (report.png) in runs/quickstart. The last run's checkpoints
+# go first: checkpoint.keep keeps the highest steps, so the new run would prune its own early ones.
 run: $(RUN_STAMP)
+	rm -f runs/quickstart/step-*.pt
 	$(VENV)/bin/ngd-dist launch configs/quickstart.yaml --launcher torchrun --nproc 2 --set checkpoint.resume=never
+	$(VENV)/bin/ngd-dist report runs/quickstart --out runs/quickstart/report.png
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check ngd_dist tests benchmarks

@@ -92,11 +92,13 @@ def test_quickstart_config():
     assert cfg.output_module == "5"
     assert (job.model.name, job.data.name) == ("mlp", "digits")
     assert (job.optimizer.name, job.optimizer.lr, job.optimizer.momentum) == ("sgd", 0.1, 0.0)
-    assert (job.batch.per_rank, job.train.steps) == (256, 60)
+    assert (job.batch.per_rank, job.train.steps) == (256, 1000)
+    # long enough to watch and scrape: 10 progress lines, 5 evaluations on the held-out split
+    assert (job.train.log_every, job.train.eval_every, job.data.holdout) == (100, 200, 0.1)
     assert (job.metrics.enabled, job.metrics.port) == (True, 9400)
     assert (job.checkpoint.dir, job.checkpoint.every, job.checkpoint.resume) == (
         "runs/quickstart",
-        20,
+        200,
         "auto",
     )
     assert job.batch.check_world(2) == 512

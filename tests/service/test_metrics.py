@@ -57,7 +57,7 @@ def test_observe_step_values_and_rank_label(exporter: MetricsExporter, clock: Fa
             seconds=0.5,
             loss=2.0 / step,
             grad_norm=1.5,
-            phases={"forward": 0.2, "optimizer": 0.01, "not_a_phase": 1.0},
+            phases={"forward": 0.2, "optimizer": 0.01, "evaluation": 0.3, "not_a_phase": 1.0},
         )
     after = time.time()
     s = scrape(exporter)
@@ -71,6 +71,7 @@ def test_observe_step_values_and_rank_label(exporter: MetricsExporter, clock: Fa
     assert value(s, "ngd_phase_seconds_count", phase="forward") == 3
     assert value(s, "ngd_phase_seconds_sum", phase="optimizer") == pytest.approx(0.03)
     assert value(s, "ngd_phase_seconds_count", phase="decomposition") == 0
+    assert value(s, "ngd_phase_seconds_sum", phase="evaluation") == pytest.approx(0.9)  # the trainer's
     assert not any(dict(labels).get("phase") == "not_a_phase" for _, labels in s)
     assert value(s, "ngd_loss") == pytest.approx(2.0 / 3)
     assert value(s, "ngd_grad_norm") == 1.5

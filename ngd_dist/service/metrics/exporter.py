@@ -47,6 +47,7 @@ PHASES: tuple[str, ...] = (
     "preconditioning",
     "gradient_communication",
     "optimizer",
+    "evaluation",
 )
 """The phase label values of ``ngd_phase_seconds`` (other phase names are dropped)."""
 
