@@ -29,13 +29,20 @@ they would be with (N, T) inputs. The model computes the same thing either way.
 Everything a forward pass registers belongs to a :class:`_Pass` that ends when its logits are
 marked, so gradient accumulation (several forward/backward pairs per step) pairs each layer output
 with the right logits. Hooks run with autocast off and accumulate in float32.
+
+**Row subsampling.** With ``KFACConfig.statistics_rows`` each A and G statistic of a pass uses at
+most that many of its rows (:class:`~ngd_dist.kfac.curvature.modules.RowSample`), drawn with a
+generator seeded by the config's seed, the step, the layer, the factor and the pass, so a run draws
+the same rows when repeated or resumed from a checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import threading
-from collections.abc import Iterator, Mapping
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -46,7 +53,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from ngd_dist.kfac.config import KFACConfig
-from ngd_dist.kfac.curvature.modules import second_moment, weighted_count, weighted_rows
+from ngd_dist.kfac.curvature.modules import RowSample, second_moment, weighted_count, weighted_rows
 from ngd_dist.kfac.curvature.norms import ElementwiseMath
 from ngd_dist.kfac.layer import KFACLayer
 from ngd_dist.kfac.timing import PhaseClock
@@ -112,10 +119,12 @@ class StatisticsCapture:
         grad_scaler: torch.amp.GradScaler | None,
         *,
         clock: PhaseClock,
+        step: Callable[[], int] = lambda: 0,
     ) -> None:
         """Prepare capture for ``layers``; nothing is hooked until :meth:`install`.
 
-        The hooks time the statistics they compute as ``factor_computation`` on ``clock``.
+        The hooks time the statistics they compute as ``factor_computation`` on ``clock``; ``step``
+        says which step is being gathered (it seeds the rows drawn under ``statistics_rows``).
         """
         self.layers = layers
         self.config = config
@@ -130,6 +139,8 @@ class StatisticsCapture:
         self._batch: int | None = None
         self._handles: list[RemovableHandle] = []
         self.clock = clock
+        self._step = step
+        self._draws: Counter[tuple[str, str]] = Counter()
 
     def install(self, model: nn.Module) -> None:
         """Hook the model, every registered module, then the output module named in the config."""
@@ -159,6 +170,7 @@ class StatisticsCapture:
         self._pass = None
         self._scale = None
         self.missing_mark = False
+        self._draws.clear()
 
     @property
     def active(self) -> bool:
@@ -169,6 +181,18 @@ class StatisticsCapture:
         """Whether this step saw a forward pass whose logits were never marked."""
         pending = self._pass is not None and not self._pass.marked and bool(self._pass.outputs)
         return self.missing_mark or pending
+
+    def _row_sample(self, layer: KFACLayer, factor: str) -> RowSample | None:
+        """The rows this pass's ``factor`` statistic of ``layer`` may use (None: all of them)."""
+        limit = self.config.statistics_rows
+        if limit is None:
+            return None
+        key = (layer.name, factor)
+        draw = self._draws[key]
+        self._draws[key] += 1
+        name = f"{self.config.seed}/{self._step()}/{layer.name}/{factor}/{draw}".encode()
+        seed = int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "little") >> 1
+        return RowSample(limit, torch.Generator().manual_seed(seed))
 
     # -- forward -------------------------------------------------------------------------------
 
@@ -208,7 +232,13 @@ class StatisticsCapture:
                 context = layer.math.normalized(module, x.float() if x.dtype in _HALF else x)
             else:
                 dtype = self.config.factor_dtype
-                total, rows = layer.math.a_statistic(module, x, dtype, diagonal=layer.diagonal_a)
+                sample = self._row_sample(layer, "a")
+                if sample is None:
+                    total, rows = layer.math.a_statistic(module, x, dtype, diagonal=layer.diagonal_a)
+                else:
+                    total, rows = layer.math.sampled_a_statistic(
+                        module, x, dtype, sample, diagonal=layer.diagonal_a
+                    )
                 layer.pending_a.add(total, rows)
         if not output.requires_grad:
             return expanded
@@ -297,7 +327,8 @@ class StatisticsCapture:
             c = self._per_sample(samples) if scale is None else scale
             count = weighted_count(samples, weights, kept)
             diagonal = layer.math.elementwise or layer.diagonal_g
-            total = second_moment(weighted_rows(rows, weights, c, dtype), dtype, diagonal)
+            sample = None if layer.math.elementwise else self._row_sample(layer, "g")
+            total = second_moment(weighted_rows(rows, weights, c, dtype, sample), dtype, diagonal)
             if layer.math.elementwise:
                 layer.pending_a.add(total, count)
                 layer.pending_g.add(total.new_full((1,), float(count)), count)

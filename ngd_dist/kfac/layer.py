@@ -50,13 +50,32 @@ class Factor:
     decomposed_shift: float = 0.0
     """The damping shift of an inverse-form decomposition."""
 
+    folds: int = 0
+    """How many steps' statistics the running average holds (for the debiased average)."""
+
+    def next_decay(self, decay: float, debias: bool) -> float:
+        """Count one more fold and return the weight the running average keeps in it.
+
+        ``debias``: the weight that makes the running average ``sum_k d^(t-k) X_k / sum_k d^(t-k)``
+        over the ``t`` folds so far (0 at the first fold, then rising to ``decay``), as Adam's
+        bias-corrected moments; otherwise ``decay`` (the first fold is still taken whole).
+        """
+        self.folds += 1
+        if not debias:
+            return decay
+        t = self.folds
+        return decay * (1.0 - decay ** (t - 1)) / (1.0 - decay**t) if decay > 0 else 0.0
+
     def fold(self, new: Tensor, decay: float) -> None:
         """Fold a step's average into the running one (out of place: see ``decomposed_from``)."""
-        self.running = new.clone() if self.running is None else self.running * decay + new * (1.0 - decay)
+        if self.running is None or decay == 0.0:
+            self.running = new.clone()
+        else:
+            self.running = self.running * decay + new * (1.0 - decay)
 
     def fold_trace(self, new: float, decay: float) -> None:
         """Fold a step's trace the same way, so every rank tracks the owner's running trace."""
-        self.trace = new if self.trace is None else self.trace * decay + new * (1.0 - decay)
+        self.trace = new if self.trace is None or decay == 0.0 else self.trace * decay + new * (1.0 - decay)
 
 
 @dataclass

@@ -23,6 +23,7 @@ decomposition and count the failure. A caller that gives up after too many failu
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -168,21 +169,69 @@ def precondition(
     ``reciprocal``: :func:`damped_reciprocal` of these decompositions and this damping, if the
     caller kept it (eigen form only).
     """
+    return precondition_blocks(a, g, [m], damping, reciprocal=reciprocal)[0]
+
+
+def _spans(blocks: Sequence[Tensor]) -> list[slice]:
+    """The columns of ``[B_1 | B_2 | ...]`` each block stands for."""
+    spans, start = [], 0
+    for b in blocks:
+        spans.append(slice(start, start + b.shape[1]))
+        start += b.shape[1]
+    return spans
+
+
+def _times_rows(blocks: Sequence[Tensor], x: Tensor) -> Tensor:
+    """``[B_1 | B_2 | ...] @ x`` as ``sum_k B_k @ x[rows of block k]``: nothing is concatenated."""
+    out: Tensor | None = None
+    for b, span in zip(blocks, _spans(blocks), strict=True):
+        b = b.to(x.dtype)
+        out = b @ x[span] if out is None else out.addmm_(b, x[span])
+    assert out is not None
+    return out
+
+
+def precondition_blocks(
+    a: Decomposition,
+    g: Decomposition,
+    blocks: Sequence[Tensor],
+    damping: float,
+    *,
+    reciprocal: Tensor | None = None,
+) -> list[Tensor]:
+    """:func:`precondition` of the matrix ``[B_1 | B_2 | ...]`` given as its column blocks (a weight
+    and its bias column, say), returned as blocks of the same shapes (views of one result).
+
+    The first product with A's side is summed block by block (``sum_k B_k X[rows of k]``) and the
+    result split back by column, so the matrix is never concatenated; a diagonal A treats each block
+    on its own.
+    """
+    spans = _spans(blocks)
     if isinstance(a, Eigen) and isinstance(g, Eigen):
-        x = m.to(g.v.dtype)
-        if g.q is not None:
-            x = g.q.t() @ x
-        if a.q is not None:
-            x = x @ a.q
-        x = x * (reciprocal if reciprocal is not None else damped_reciprocal(a, g, damping))
-        if g.q is not None:
-            x = g.q @ x
-        if a.q is not None:
-            x = x @ a.q.t()
-        return x.to(m.dtype)
+        r = reciprocal if reciprocal is not None else damped_reciprocal(a, g, damping)
+        gq = g.q
+        if a.q is None:  # diagonal A: its eigenbasis is the identity, every column on its own
+            out = []
+            for b, span in zip(blocks, spans, strict=True):
+                x = b.to(g.v.dtype)
+                x = (x if gq is None else gq.t() @ x) * r[:, span]
+                out.append(x if gq is None else gq @ x)
+        else:
+            x = _times_rows(blocks, a.q)
+            x = (x if gq is None else gq.t() @ x).mul_(r)  # a product: a fresh tensor
+            x = (x if gq is None else gq @ x) @ a.q.t()
+            out = [x[:, span] for span in spans]
+        return [o.to(b.dtype) for o, b in zip(out, blocks, strict=True)]
     if isinstance(a, Inverse) and isinstance(g, Inverse):
-        x = m.to(g.inv.dtype)
-        x = g.inv.unsqueeze(1) * x if g.inv.dim() == 1 else g.inv @ x
-        x = x * a.inv if a.inv.dim() == 1 else x @ a.inv
-        return x.to(m.dtype)
+        g_inv = g.inv
+
+        def g_side(x: Tensor) -> Tensor:
+            return g_inv.unsqueeze(1) * x if g_inv.dim() == 1 else g_inv @ x
+
+        if a.inv.dim() == 1:
+            out = [g_side(b.to(g_inv.dtype) * a.inv[span]) for b, span in zip(blocks, spans, strict=True)]
+        else:
+            x = g_side(_times_rows(blocks, a.inv))
+            out = [x[:, span] for span in spans]
+        return [o.to(b.dtype) for o, b in zip(out, blocks, strict=True)]
     raise TypeError("both factors of a layer must be decomposed with the same method")

@@ -59,7 +59,7 @@ from ngd_dist.kfac.linalg import (
     damped_reciprocal,
     decompose,
     inverse_shifts,
-    precondition,
+    precondition_blocks,
 )
 from ngd_dist.kfac.memory import available_bytes, factor_memory, gib
 from ngd_dist.kfac.refresh import AdaptiveInterval, AdaptiveSchedule, FixedSchedule, Schedule, relative_change
@@ -68,6 +68,10 @@ from ngd_dist.kfac.state import check_factors_state, factors_state, load_factors
 from ngd_dist.kfac.timing import PhaseClock
 
 STATE_VERSION = 2
+_WIDE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+"""The dtype reductions of half-precision gradients are taken in."""
+FOLDS_UNKNOWN = 10_000
+"""Fold count assumed for a saved state that has none: the debiased weight is then ``decay``."""
 Key = tuple[str, str]
 
 
@@ -202,7 +206,9 @@ class KFACPreconditioner:
         """How many times this rank decomposed each factor."""
         self._failed: Counter[Key] = Counter()
         """Consecutive failed decompositions of each factor this rank owns (0 after a success)."""
-        self.capture = StatisticsCapture(self.layers, self.config, grad_scaler, clock=self.clock)
+        self.capture = StatisticsCapture(
+            self.layers, self.config, grad_scaler, clock=self.clock, step=lambda: self.stats.steps
+        )
         self.capture.install(model)
         self.capture.capturing = self._capturing_at(0)
 
@@ -367,6 +373,7 @@ class KFACPreconditioner:
             "stats": asdict(self.stats),
             "factors": factors_state(self.layers),
             "traces": {f"{la.name}/{f}": la.factors[f].trace for la in self.layers for f in FACTORS},
+            "folds": {f"{la.name}/{f}": la.factors[f].folds for la in self.layers for f in FACTORS},
         }
         if isinstance(self.schedule, AdaptiveSchedule):
             policy = self.schedule.policy
@@ -405,6 +412,11 @@ class KFACPreconditioner:
         load_factors_state(
             self.layers, state["factors"], traces, self.config.method, self._inverse_dtype, self.device
         )
+        # A state from before fold counts were kept: its averages are long past their first folds.
+        folds = state.get("folds", {})
+        for la in self.layers:
+            for f in FACTORS:
+                la.factors[f].folds = int(folds.get(f"{la.name}/{f}", FOLDS_UNKNOWN))
         self.stats = KFACStats(**state["stats"])
         if "refresh" in state and isinstance(self.schedule, AdaptiveSchedule):
             policy = self.schedule.policy
@@ -442,9 +454,9 @@ class KFACPreconditioner:
     def _make_schedule(self) -> Schedule:
         c = self.config
         if c.refresh == "fixed":
-            return FixedSchedule(c.factor_every, c.inverse_every)
+            return FixedSchedule(c.factor_every, c.inverse_every, warmup=c.refresh_warmup)
         policy = AdaptiveInterval(
-            initial=c.inverse_every,
+            initial=c.factor_every if c.refresh_warmup else c.inverse_every,
             cap=c.refresh_cap,
             low=c.refresh_low,
             high=c.refresh_high,
@@ -548,9 +560,10 @@ class KFACPreconditioner:
                 continue
             accepted.append(key)
             factor = self._factor(key)
-            factor.fold_trace(trace_sum / count, decay)
+            kept = factor.next_decay(decay, self.config.factor_debias)
+            factor.fold_trace(trace_sum / count, kept)
             if self.plan.owner(*key) == rank:
-                factor.fold(reduced[key].to(accumulation_dtype(self.config.factor_dtype)) / count, decay)
+                factor.fold(reduced[key].to(accumulation_dtype(self.config.factor_dtype)) / count, kept)
         if accepted:
             self.stats.factor_refreshes += 1
 
@@ -707,58 +720,66 @@ class KFACPreconditioner:
         return {id(p): float(group["lr"]) for group in self.optimizer.param_groups for p in group["params"]}
 
     def _precondition(self, step: int) -> None:
+        """Precondition this rank's layers, share the results along its row, clip, write ``.grad``.
+
+        Gradients are read and written as the blocks of :meth:`ModuleMath.grad_blocks` (a weight
+        and its bias column): views of ``.grad``, never concatenated into one matrix.
+        """
         damping = self.config.damping_at(step)
         self.stats.damping = damping
         rank = self.comm.rank
         column = self.plan.column_of(rank)
-        grads = {la.name: la.math.grad_matrix(la.module) for la in self.layers}
+        grads = {la.name: la.math.grad_blocks(la.module) for la in self.layers}
         present = [la for la in self.layers if grads[la.name] is not None]
-        updates: dict[Hashable, Tensor] = {}
+        updates: dict[str, list[Tensor]] = {}
         for layer in present:
             if self.plan.layer_column[layer.name] != column:
                 continue
-            grad = grads[layer.name]
-            assert grad is not None
+            blocks = grads[layer.name]
+            assert blocks is not None
             a, g = layer.factors["a"].decomposition, layer.factors["g"].decomposition
             if a is None or g is None:
-                updates[layer.name] = grad
+                updates[layer.name] = blocks
             else:
                 layer_damping = self._layer_damping(layer, damping)
                 reciprocal = self._reciprocal(layer.name, a, g, layer_damping)
-                updates[layer.name] = precondition(a, g, grad, layer_damping, reciprocal=reciprocal)
+                updates[layer.name] = precondition_blocks(a, g, blocks, layer_damping, reciprocal=reciprocal)
         if self.plan.columns > 1:
             for src in range(self.plan.columns):
                 sent = [la for la in present if self.plan.layer_column[la.name] == src]
                 if not sent:
                     continue
-                layout = Layout([Slot(la.name, (la.g_dim, la.a_dim)) for la in sent])
-                dtype = grads[sent[0].name].dtype  # type: ignore[union-attr]
-                received = self._row.broadcast(
-                    layout, updates if src == column else {}, src, "preconditioned", dtype, self.device
-                )
+                shapes = {la.name: [tuple(b.shape) for b in grads[la.name] or []] for la in sent}
+                slots = [((n, k), size) for n, sizes in shapes.items() for k, size in enumerate(sizes)]
+                layout = Layout([Slot(key, size) for key, size in slots])
+                payload: dict[Hashable, Tensor] = {}
+                if src == column:
+                    payload = {(la.name, k): b for la in sent for k, b in enumerate(updates[la.name])}
+                dtype = (grads[sent[0].name] or [])[0].dtype
+                received = self._row.broadcast(layout, payload, src, "preconditioned", dtype, self.device)
                 if src != column:
-                    updates.update(received)
+                    updates.update({n: [received[(n, k)] for k in range(len(s))] for n, s in shapes.items()})
         if not updates:
             return
         # The squared gradient norm stays on the device (read by grad_norm() only when asked); with
         # the KL clip on, it rides along the clip's host sync of lr^2 <Pg, g>.
-        squares, terms = [], []
-        lrs = self._learning_rates() if self.config.kl_clip is not None else {}
-        for layer in present:
-            grad = grads[layer.name]
-            assert grad is not None
-            squares.append(grad.float().square().sum())
-            if self.config.kl_clip is not None:
-                lr = lrs.get(id(layer.math.params(layer.module)[0]), 0.0)
-                terms.append((updates[layer.name] * grad).sum().float() * lr**2)
-        self._grad_norm_sq = torch.stack(squares).sum()
+        pairs = [
+            (layer, b, u)
+            for layer in present
+            for b, u in zip(grads[layer.name] or [], updates[layer.name], strict=True)
+        ]
+        norms = [torch.linalg.vector_norm(b, dtype=_WIDE.get(b.dtype)).float() for _, b, _ in pairs]
+        self._grad_norm_sq = torch.stack(norms).square().sum()
         scale = 1.0
         if self.config.kl_clip is not None:
-            sq, vg = (float(v) for v in torch.stack([self._grad_norm_sq, torch.stack(terms).sum()]).tolist())
+            lrs = self._learning_rates()
+            lr2 = [lrs.get(id(layer.math.params(layer.module)[0]), 0.0) ** 2 for layer, _, _ in pairs]
+            dots = torch.stack([(u * b).sum(dtype=_WIDE.get(b.dtype)).float() for _, b, u in pairs])
+            vg_t = dots @ torch.tensor(lr2, dtype=dots.dtype, device=dots.device)
+            sq, vg = (float(v) for v in torch.stack([self._grad_norm_sq, vg_t]).tolist())
             self._grad_norm_sq = sq
             if vg > 0 and math.isfinite(vg):
                 scale = min(1.0, math.sqrt(self.config.kl_clip / vg))
         self.stats.kl_scale = scale
         for layer in present:
-            update = updates[layer.name]
-            layer.math.set_grad(layer.module, update * scale if scale != 1.0 else update)
+            layer.math.set_grad_blocks(layer.module, updates[layer.name], scale)

@@ -6,11 +6,13 @@ the factor statistics its hooks compute during the caller's forward and backward
 nest, and each second is counted once, in the innermost phase open at the time: statistics computed
 inside ``forward`` count as ``factor_computation``, not also as ``forward``.
 
-Times are host wall times: on a GPU they include only what the host waited for (no device sync is
-added, so measuring does not slow the step). Open phases form one stack, whatever the thread: a
-backward hook that autograd runs in its own device thread while the caller waits in ``backward()``
-nests inside the caller's phase, as it should. Timing phases from two threads at once is not
-supported.
+Times are host wall times. On a GPU, by default, they include only what the host waited for (no
+device sync is added, so measuring does not slow the step, but work the device runs asynchronously
+lands in whichever later phase waits for it); with ``sync=torch.cuda.synchronize`` each phase
+boundary waits for the device first, so every phase is charged with the device work it queued.
+Open phases form one stack, whatever the thread: a backward hook that autograd runs in its own
+device thread while the caller waits in ``backward()`` nests inside the caller's phase, as it
+should. Timing phases from two threads at once is not supported.
 """
 
 from __future__ import annotations
@@ -34,9 +36,14 @@ class _Open:
 class PhaseClock:
     """Exclusive seconds per phase name: in total, and since the last :meth:`take`."""
 
-    def __init__(self, now: Callable[[], float] = time.perf_counter) -> None:
-        """``now``: the time source, in seconds (a fake one in tests)."""
+    def __init__(
+        self, now: Callable[[], float] = time.perf_counter, sync: Callable[[], None] | None = None
+    ) -> None:
+        """``now``: the time source, in seconds (a fake one in tests); ``sync``: called at every phase
+        boundary before the time is read (``torch.cuda.synchronize`` for device-accurate phases).
+        """
         self._now = now
+        self._sync = sync
         self.totals: defaultdict[str, float] = defaultdict(float)
         """Seconds per phase since the clock was made (clear it at will: :meth:`take` is unaffected)."""
         self._since_take: dict[str, float] = {}
@@ -45,11 +52,15 @@ class PhaseClock:
     @contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
         """Add the wall time of the ``with`` body, less that of the phases nested in it, to ``phase``."""
+        if self._sync is not None:
+            self._sync()
         opened = _Open(phase, self._now())
         self._open.append(opened)
         try:
             yield
         finally:
+            if self._sync is not None:
+                self._sync()
             elapsed = self._now() - opened.start
             self._open.pop()
             own = elapsed - opened.nested

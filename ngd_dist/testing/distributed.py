@@ -32,15 +32,19 @@ T = TypeVar("T")
 __all__ = ["all_ranks", "distributed_test", "free_port", "free_ports", "run_ranks"]
 
 
-def _worker(fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, out: Any) -> None:
+def _worker(
+    fn: Callable[..., Any], rank: int, world: int, port: int, args: tuple, out: Any, backend: str = "gloo"
+) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     import torch
     import torch.distributed as dist
 
     torch.set_num_threads(1)
     try:
+        if backend == "nccl":
+            torch.cuda.set_device(rank)
         dist.init_process_group(
-            "gloo",
+            backend,
             init_method=f"tcp://127.0.0.1:{port}",
             rank=rank,
             world_size=world,
@@ -58,17 +62,20 @@ def _worker(fn: Callable[..., Any], rank: int, world: int, port: int, args: tupl
             dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0) -> list[Any]:
+def run_ranks(
+    fn: Callable[..., Any], world_size: int, *args: Any, timeout: float = 120.0, backend: str = "gloo"
+) -> list[Any]:
     """Call ``fn(rank, world_size, *args)`` on ``world_size`` gloo ranks; return results by rank.
 
     ``fn`` must be importable (a module-level function). Raises AssertionError with the failing
     rank's traceback, or when ``timeout`` seconds pass; all processes are gone when it returns.
+    ``backend="nccl"``: one GPU per rank (rank r on ``cuda:r``) instead of gloo.
     """
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
     port = free_port()
     procs = [
-        ctx.Process(target=_worker, args=(fn, r, world_size, port, args, out), daemon=True)
+        ctx.Process(target=_worker, args=(fn, r, world_size, port, args, out, backend), daemon=True)
         for r in range(world_size)
     ]
     for p in procs:

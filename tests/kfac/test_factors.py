@@ -553,6 +553,167 @@ def test_mc_labels_follow_seed() -> None:
     assert not torch.allclose(g_of(3), g_of(4))
 
 
+# -- A without a materialised row layout, and row subsampling -----------------------------------
+
+CONVS = [
+    {"kernel_size": 3, "stride": 2, "padding": 1, "dilation": 2, "bias": True},
+    {"kernel_size": (2, 3), "padding": "same", "dilation": (1, 2), "bias": False},
+    {"kernel_size": (3, 1), "stride": (1, 2), "padding": (2, 0), "bias": True},
+    {"kernel_size": 3, "padding": 0, "bias": True},
+    {"kernel_size": 1, "bias": False},
+]
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+@pytest.mark.parametrize("options", CONVS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_conv_a_statistic_matches_hand_sliced_patches(options: dict[str, object], diagonal: bool) -> None:
+    """The conv A statistic (built from the input's own layout, the bias entry from sums) equals
+    sum_rows [a, 1][a, 1]^T over hand-sliced patches, for padding / stride / dilation / bias."""
+    from ngd_dist.kfac.curvature.modules import Conv2dMath
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 4, **options).double()  # type: ignore[arg-type]
+    x = torch.randn(5, 3, 9, 8, dtype=torch.float64)
+    for batch in (x, x[0]):  # batched, and one unbatched sample
+        rows = _a_rows(conv, batch if batch.dim() == 4 else batch.unsqueeze(0))
+        got, count = Conv2dMath().a_statistic(conv, batch, torch.float64, diagonal=diagonal)
+        assert count == rows.shape[0]
+        assert_factor(got, rows.square().sum(dim=0) if diagonal else rows.t() @ rows, rtol=1e-12)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_a_statistic_matches_rows_with_a_ones_column(bias: bool) -> None:
+    from ngd_dist.kfac.curvature.modules import LinearMath
+
+    torch.manual_seed(0)
+    linear = nn.Linear(5, 3, bias=bias).double()
+    x = torch.randn(4, 6, 5, dtype=torch.float64)  # every (b, t) is a row
+    rows = _a_rows(linear, x)
+    got, count = LinearMath().a_statistic(linear, x, torch.float64)
+    assert count == 24
+    assert_factor(got, rows.t() @ rows, rtol=1e-12)
+
+
+def test_a_statistic_builds_no_ones_column_and_no_unfold() -> None:
+    """Neither the bias column nor F.unfold's transposed patches are materialised."""
+    from unittest import mock
+
+    from ngd_dist.kfac.curvature.modules import Conv2dMath, LinearMath
+
+    conv, linear = nn.Conv2d(3, 4, 3, padding=1), nn.Linear(5, 3)
+    with (
+        mock.patch("torch.cat", side_effect=AssertionError("torch.cat")),
+        mock.patch("torch.nn.functional.unfold", side_effect=AssertionError("F.unfold")),
+    ):
+        Conv2dMath().a_statistic(conv, torch.randn(2, 3, 6, 6), torch.float32)
+        LinearMath().a_statistic(linear, torch.randn(7, 5), torch.float32)
+
+
+def assert_unbiased(estimates: list[Tensor], exact: Tensor) -> None:
+    """The mean of independent estimates is as close to ``exact`` as unbiased ones' would be: within
+    4 typical single errors / sqrt(count); and a single one is not exact (something was drawn)."""
+    typical = sum(rel_err(e, exact) for e in estimates[:50]) / min(50, len(estimates))
+    assert typical > 0.05
+    mean_err = rel_err(sum(estimates) / len(estimates), exact)  # type: ignore[arg-type]
+    assert mean_err < 4 * typical / len(estimates) ** 0.5, (typical, mean_err)
+
+
+@pytest.mark.parametrize("kind", ["conv", "conv_nobias", "linear", "g"])
+def test_row_sample_is_an_unbiased_estimate(kind: str) -> None:
+    """Averaged over many draws, a statistic from `limit` drawn rows approaches the full one, at the
+    rate of independent draws; the row count is every row's; a limit above the rows changes nothing."""
+    from ngd_dist.kfac.curvature.modules import Conv2dMath, LinearMath, RowSample, gram, weighted_rows
+
+    torch.manual_seed(0)
+    limit, draws = 12, 3000
+    if kind == "g":  # G rows (B, H, W, C) with per-sample weights, as the backward hook gives them
+        rows = torch.randn(5, 4, 3, 6, dtype=torch.float64)
+        weights = torch.rand(5, dtype=torch.float64)
+
+        def stat(sample: RowSample | None) -> Tensor:
+            return gram(weighted_rows(rows, weights, 0.5, torch.float64, sample), torch.float64)
+    else:
+        module: nn.Module
+        if kind == "linear":
+            module, math_, x = nn.Linear(4, 3).double(), LinearMath(), torch.randn(60, 4, dtype=torch.float64)
+        else:
+            module = nn.Conv2d(2, 3, 3, stride=2, padding=1, dilation=2, bias=kind == "conv").double()
+            math_, x = Conv2dMath(), torch.randn(4, 2, 9, 9, dtype=torch.float64)
+        exact, rows_in_x = math_.a_statistic(module, x, torch.float64)
+
+        def stat(sample: RowSample | None) -> Tensor:
+            if sample is None:
+                return exact
+            got, count = math_.sampled_a_statistic(module, x, torch.float64, sample)
+            assert count == rows_in_x
+            return got
+    full = stat(None)
+    torch.testing.assert_close(stat(RowSample(10**6, torch.Generator())), full, rtol=1e-12, atol=1e-12)
+    gen = torch.Generator().manual_seed(0)
+    assert_unbiased([stat(RowSample(limit, gen)) for _ in range(draws)], full.double())
+
+
+def test_conv_row_sample_gathers_the_drawn_patches() -> None:
+    """A draw's statistic is exactly (rows / drawn) sum over the drawn hand-sliced patches."""
+    from ngd_dist.kfac.curvature.modules import Conv2dMath, RowSample
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1)).double()
+    x = torch.randn(3, 2, 7, 6, dtype=torch.float64)
+    rows = _a_rows(conv, x)
+    keep = RowSample(9, torch.Generator().manual_seed(5)).draw(rows.shape[0], x.device)
+    assert keep is not None
+    sample = RowSample(9, torch.Generator().manual_seed(5))  # the same draw
+    got, count = Conv2dMath().sampled_a_statistic(conv, x, torch.float64, sample)
+    picked = rows[keep]
+    assert_factor(got, picked.t() @ picked * (count / 9), rtol=1e-12)
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, True, "100"])
+def test_statistics_rows_must_be_a_positive_integer_or_none(value: object) -> None:
+    with pytest.raises(ValueError, match=r"^KFACConfig\.statistics_rows: got .*; expected an integer >= 1"):
+        KFACConfig(statistics_rows=value)  # type: ignore[arg-type]
+    assert KFACConfig().statistics_rows is None
+
+
+@pytest.mark.parametrize("curvature", ["ef", "ief"])
+def test_statistics_rows_factors_are_unbiased_and_reproducible(curvature: str) -> None:
+    """statistics_rows: each step's A and G estimate the exact ones without bias (their mean over
+    steps converges to the per-sample reference), the same seed draws the same rows, and a limit
+    above every layer's rows gives the exact factors."""
+    case = make_case("conv")
+    ref = reference(case, curvature)
+    exact, _ = run_kfac(make_case("conv"), curvature, statistics_rows=1000)
+    assert_all(exact, ref, g_rtol=g_rtol(curvature))
+
+    def steps(seed: int, n: int) -> list[dict[str, tuple[Tensor, Tensor]]]:
+        case = make_case("conv")
+        pc = KFACPreconditioner(
+            case.model,
+            KFACConfig(
+                curvature=curvature, factor_decay=0.0, kl_clip=None, output_module="head",  # type: ignore[arg-type]
+                factor_dtype="float64", statistics_rows=10, seed=seed,
+            ),
+        )
+        out = []
+        for _ in range(n):
+            F.cross_entropy(case.model(*case.inputs), case.labels).backward()
+            pc.step()
+            case.model.zero_grad()
+            out.append({la.name: (la.a.clone(), la.g.clone()) for la in pc.layers})
+        return out
+
+    runs = steps(0, 400)
+    again, other = steps(0, 2), steps(1, 2)
+    for name in ("conv1", "conv2"):
+        for i in (0, 1):
+            assert_unbiased([step[name][i] for step in runs], ref[name][i])
+            assert torch.equal(again[1][name][i], runs[1][name][i])
+            assert not torch.equal(again[1][name][i], runs[0][name][i])  # a new draw each step
+            assert not torch.equal(other[0][name][i], runs[0][name][i])
+    assert_all({"head": runs[0]["head"]}, {"head": ref["head"]}, g_rtol=g_rtol(curvature))  # 4 rows: exact
+
+
 # -- bf16 autocast ------------------------------------------------------------------------------
 
 
@@ -583,3 +744,60 @@ def test_bf16_autocast_mc_close_to_exact_fisher() -> None:
         assert g.dtype == torch.float32
         assert rel_err(a, fisher[name][0]) < 2e-2
         assert rel_err(g, fisher[name][1]) < 0.08, name
+
+
+@pytest.mark.parametrize("debias", [True, False])
+def test_running_factors_are_the_debiased_average_of_the_folds(debias: bool) -> None:
+    """With factor_debias (the default) the running factor is sum_k d^(t-k) X_k / sum_k d^(t-k):
+    the plain mean of the first folds rather than a first batch that dominates for 1/(1-d) folds;
+    without it, X_1 then d X + (1-d) X_new."""
+    from ngd_dist.kfac.layer import Factor
+
+    decay = 0.9
+    xs = [torch.full((2, 2), float(v), dtype=torch.float64) for v in (1.0, 5.0, 2.0, 7.0)]
+    factor = Factor()
+    for t, x in enumerate(xs, start=1):
+        d = factor.next_decay(decay, debias)
+        factor.fold_trace(float(x.trace()), d)
+        factor.fold(x, d)
+        weights = [decay ** (t - k) for k in range(1, t + 1)]
+        if debias:
+            want = sum(w * xk for w, xk in zip(weights, xs[:t], strict=True)) / sum(weights)
+        else:
+            want = xs[0].clone()
+            for xk in xs[1:t]:
+                want = decay * want + (1 - decay) * xk
+        assert torch.allclose(factor.running, want, rtol=1e-12, atol=0)
+        assert factor.trace == pytest.approx(float(want.trace()), rel=1e-12)
+    assert factor.folds == len(xs)
+
+
+def test_fold_counts_travel_with_the_checkpoint() -> None:
+    from torch import nn
+
+    from ngd_dist import KFACConfig, KFACPreconditioner
+
+    def run(precond: KFACPreconditioner, model: nn.Module, seed: int) -> None:
+        torch.manual_seed(seed)
+        loss = nn.functional.cross_entropy(model(torch.randn(8, 4)), torch.randint(0, 2, (8,)))
+        model.zero_grad()
+        loss.backward()
+        precond.step()
+
+    def mlp() -> nn.Module:
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+
+    model, other = mlp(), mlp()
+    precond = KFACPreconditioner(model, KFACConfig(output_module="2", kl_clip=None))
+    for seed in range(3):
+        run(precond, model, seed)
+    state = precond.state_dict()
+    assert state["folds"] == {f"{n}/{f}": 3 for n in ("0", "2") for f in "ag"}
+    other.load_state_dict(model.state_dict())
+    fresh = KFACPreconditioner(other, KFACConfig(output_module="2", kl_clip=None))
+    fresh.load_state_dict(state)
+    assert all(la.factors[f].folds == 3 for la in fresh.layers for f in "ag")
+    run(precond, model, 3)
+    run(fresh, other, 3)
+    assert torch.equal(precond.layers[0].factors["a"].running, fresh.layers[0].factors["a"].running)

@@ -65,3 +65,52 @@ def test_adaptive_schedule_folds_on_the_fixed_period_and_decomposes_adaptively()
     assert schedule.interval("k") == 5  # never below the statistics period
     with pytest.raises(ValueError, match="floor: got 30"):
         AdaptiveInterval(initial=20, floor=30)
+
+
+def test_fixed_refresh_warms_up_with_doubling_gaps_before_the_first_period() -> None:
+    """Early curvature changes fastest: the fixed schedule also decomposes at factor_every x 1, 2,
+    4, ... before the first inverse_every, then every inverse_every."""
+    from ngd_dist.kfac.refresh import FixedSchedule
+
+    warm = FixedSchedule(10, 100, warmup=True)
+    assert [s for s in range(301) if warm.decompose_due("k", s)] == [0, 10, 20, 40, 80, 100, 200, 300]
+    assert [s for s in range(301) if warm.fold_due("k", s)] == list(range(0, 301, 10))
+    cold = FixedSchedule(10, 100, warmup=False)
+    assert [s for s in range(301) if cold.decompose_due("k", s)] == [0, 100, 200, 300]
+    assert [s for s in range(25) if FixedSchedule(5, 20, warmup=True).decompose_due("k", s)] == [0, 5, 10, 20]
+    assert [s for s in range(4) if FixedSchedule(1, 1, warmup=True).decompose_due("k", s)] == [0, 1, 2, 3]
+
+
+def _decompositions(config_kwargs: dict, steps: int) -> list[int]:
+    """Steps at which a tiny MLP's preconditioner decomposed something."""
+    from torch import nn
+
+    from ngd_dist import KFACConfig, KFACPreconditioner
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
+    precond = KFACPreconditioner(model, KFACConfig(output_module="2", kl_clip=None, **config_kwargs))
+    done, seen = [], 0
+    for step in range(steps):
+        x = torch.randn(8, 4)
+        loss = nn.functional.cross_entropy(model(x), torch.randint(0, 2, (8,)))
+        model.zero_grad()
+        loss.backward()
+        precond.step()
+        if precond.stats.decompositions > seen:
+            done.append(step)
+        seen = precond.stats.decompositions
+    return done
+
+
+def test_refresh_warmup_is_on_by_default_and_can_be_turned_off() -> None:
+    assert _decompositions({"factor_every": 2, "inverse_every": 16}, 40) == [0, 2, 4, 8, 16, 32]
+    off = {"factor_every": 2, "inverse_every": 16, "refresh_warmup": False}
+    assert _decompositions(off, 40) == [0, 16, 32]
+
+
+def test_adaptive_refresh_with_warmup_starts_at_factor_every() -> None:
+    steps = _decompositions({"factor_every": 2, "inverse_every": 16, "refresh": "adaptive"}, 8)
+    assert steps[:2] == [0, 2]
+    cold = {"factor_every": 2, "inverse_every": 16, "refresh": "adaptive", "refresh_warmup": False}
+    assert _decompositions(cold, 8) == [0]

@@ -40,6 +40,27 @@ def test_time_in_a_nested_phase_counts_in_that_phase_only() -> None:
     assert sum(clock.totals.values()) == time.now
 
 
+@pytest.mark.parametrize("synchronised", [False, True])
+def test_sync_charges_queued_device_work_to_the_phase_that_queued_it(synchronised: bool) -> None:
+    """Asynchronous device work: without ``sync`` it lands in the later phase that waits for it
+    (here the optimizer's read of a result); with ``sync`` in the phase that queued it."""
+    time, queued = FakeClock(), [0.0]
+
+    def wait_for_device() -> None:
+        time.advance(queued[0])
+        queued[0] = 0.0
+
+    clock = PhaseClock(now=time, sync=wait_for_device if synchronised else None)
+    with clock("forward"):
+        time.advance(1)
+        queued[0] += 5  # kernels launched, not yet run
+    with clock("optimizer"):
+        wait_for_device()  # e.g. loss.item()
+        time.advance(2)
+    want = {"forward": 6.0, "optimizer": 2.0} if synchronised else {"forward": 1.0, "optimizer": 7.0}
+    assert clock.totals == want
+
+
 def test_take_returns_the_seconds_since_the_last_take_and_totals_keep_adding_up() -> None:
     time = FakeClock()
     clock = PhaseClock(now=time)

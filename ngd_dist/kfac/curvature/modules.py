@@ -11,6 +11,13 @@ A layer computes ``y = W a`` per *row*. What a row is depends on the module:
   as a vector; the weight is (num_embeddings, dim), so its gradient matrix is transposed to the
   (out, in) orientation the rest of the code uses.
 
+A bias is the weight of a constant input 1, so ``a`` has a trailing 1 and the gradient matrix a
+trailing column ``db``. Neither is ever materialised: A's last row and column are the sums of the
+rows and their count, and the gradient is handled as the blocks ``[dW, db]`` (:meth:`ModuleMath.grad_blocks`).
+
+A :class:`RowSample` limits the rows a sum over rows uses (``KFACConfig.statistics_rows``): a
+uniform draw without replacement, the sum scaled by ``rows / drawn`` so that it stays unbiased.
+
 Each helper is stateless; per-layer state lives in :mod:`ngd_dist.kfac.layer`.
 """
 
@@ -18,6 +25,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -54,6 +63,15 @@ class ModuleMath(ABC):
     ) -> tuple[Tensor, int]:
         """Sum over rows of ``a a^T`` (or of ``a * a``, a vector, when ``diagonal``), and the row count."""
 
+    def sampled_a_statistic(
+        self, module: nn.Module, x: Tensor, dtype: torch.dtype, sample: RowSample, *, diagonal: bool = False
+    ) -> tuple[Tensor, int]:
+        """:meth:`a_statistic` estimated from the rows ``sample`` draws (the count is still that of
+        every row), for ``KFACConfig.statistics_rows``. By default every row is used: a type whose
+        rows can be drawn overrides it.
+        """
+        return self.a_statistic(module, x, dtype, diagonal=diagonal)
+
     @abstractmethod
     def g_rows(self, module: nn.Module, grad_output: Tensor) -> Tensor:
         """Output gradients laid out as ``(batch, *rest, d_out)`` (rest may be empty)."""
@@ -74,6 +92,20 @@ class ModuleMath(ABC):
     def set_grad(self, module: nn.Module, matrix: Tensor) -> None:
         """Write a ``(g_dim, a_dim)`` matrix back into the parameters' ``.grad``."""
 
+    def grad_blocks(self, module: nn.Module) -> list[Tensor] | None:
+        """The gradient matrix as column blocks (their concatenation is :meth:`grad_matrix`), or None.
+
+        What the preconditioner reads every step: a type whose matrix is made of several parameters
+        returns views of their ``.grad`` here, so that nothing is copied. By default one block.
+        """
+        matrix = self.grad_matrix(module)
+        return None if matrix is None else [matrix]
+
+    def set_grad_blocks(self, module: nn.Module, blocks: list[Tensor], scale: float = 1.0) -> None:
+        """Write blocks shaped as :meth:`grad_blocks`' times ``scale`` into the parameters' ``.grad``."""
+        matrix = blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
+        self.set_grad(module, matrix * scale if scale != 1.0 else matrix)
+
     def unsupported(self, module: nn.Module) -> str | None:
         """Why this module cannot be preconditioned after all (an unsupported option), or None."""
         return None
@@ -84,23 +116,43 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _bias_column(x: Tensor) -> Tensor:
-    return torch.cat([x, x.new_ones(*x.shape[:-1], 1)], dim=-1)
+@dataclass(frozen=True)
+class RowSample:
+    """Use at most ``limit`` of the rows of a sum over rows, drawn uniformly without replacement.
+
+    The sum over the drawn rows times ``rows / limit`` is an unbiased estimate of the sum over all
+    rows. ``generator`` (a CPU one) makes the draw reproducible.
+    """
+
+    limit: int
+    generator: torch.Generator
+
+    def draw(self, rows: int, device: torch.device) -> Tensor | None:
+        """Indices of the rows to use among ``rows``, on ``device``; None when all are used."""
+        if rows <= self.limit:
+            return None
+        return torch.randperm(rows, generator=self.generator)[: self.limit].to(device)
 
 
-def gram(rows: Tensor, dtype: torch.dtype) -> Tensor:
-    """``rows^T rows`` computed in ``dtype`` and returned in the accumulation dtype.
+def column_gram(cols: Tensor, dtype: torch.dtype) -> Tensor:
+    """``cols cols^T`` (the sum of ``a a^T`` over the columns ``a``), computed in ``dtype`` and
+    returned in the accumulation dtype.
 
-    In float16 the rows are scaled by ``1/sqrt(n)`` before the product and the mean scaled back
-    after it in float32, so a sum over many rows cannot overflow float16's range.
+    In float16 the columns are scaled by ``1/sqrt(n)`` before the product and the mean scaled back
+    after it in float32, so a sum over many columns cannot overflow float16's range.
     """
     acc = accumulation_dtype(dtype)
     if dtype != torch.float16:
-        x = rows.to(dtype)
-        return (x.t() @ x).to(acc)
-    n = max(rows.shape[0], 1)
-    x = (rows.float() / math.sqrt(n)).to(dtype)
-    return (x.t() @ x).to(acc) * n
+        x = cols.to(dtype)
+        return (x @ x.t()).to(acc)
+    n = max(cols.shape[1], 1)
+    x = (cols.float() / math.sqrt(n)).to(dtype)
+    return (x @ x.t()).to(acc) * n
+
+
+def gram(rows: Tensor, dtype: torch.dtype) -> Tensor:
+    """``rows^T rows`` computed in ``dtype`` and returned in the accumulation dtype (:func:`column_gram`)."""
+    return column_gram(rows.t(), dtype)
 
 
 def square_sum(rows: Tensor, dtype: torch.dtype) -> Tensor:
@@ -113,25 +165,60 @@ def second_moment(rows: Tensor, dtype: torch.dtype, diagonal: bool) -> Tensor:
     return square_sum(rows, dtype) if diagonal else gram(rows, dtype)
 
 
-def weighted_rows(rows: Tensor, weights: Tensor | None, scale: float, dtype: torch.dtype) -> Tensor:
+def with_bias(moment: Tensor, sums: Tensor | None, count: int) -> Tensor:
+    """The second moment of the rows ``[a, 1]`` from that of the rows ``a``: the bias entry's row and
+    column are ``sums`` (the sum of the rows), its corner ``count``. ``moment`` may be a diagonal
+    (a vector; ``sums`` is then not needed).
+    """
+    d = moment.shape[0]
+    if moment.dim() == 1:
+        out = moment.new_empty(d + 1)
+        out[:d] = moment
+        out[d] = count
+        return out
+    assert sums is not None
+    out = moment.new_empty(d + 1, d + 1)
+    out[:d, :d] = moment
+    out[:d, d] = sums
+    out[d, :d] = sums
+    out[d, d] = count
+    return out
+
+
+def weighted_rows(
+    rows: Tensor, weights: Tensor | None, scale: float, dtype: torch.dtype, sample: RowSample | None = None
+) -> Tensor:
     """``rows`` flattened to ``(-1, d)`` and scaled by ``c sqrt(w_r)``, in the accumulation dtype.
 
     ``weights`` has the shape of a prefix of ``rows``' leading dims (one weight per sample, or per
-    token) and is broadcast over the rest.
+    token) and is broadcast over the rest. ``sample``: only the rows it draws, scaled by a further
+    ``sqrt(rows / drawn)``, so that their second moment estimates that of every row without bias.
     """
     d = rows.shape[-1]
-    flat = rows.reshape(-1, d).to(accumulation_dtype(dtype)) * scale
-    if weights is None:
-        return flat
     lead = rows.shape[:-1]
-    if tuple(lead[: weights.dim()]) != tuple(weights.shape):
+    if weights is not None and tuple(lead[: weights.dim()]) != tuple(weights.shape):
         raise ValueError(
             f"per-row weights of shape {tuple(weights.shape)} (the marked logits' leading dims) do not "
             f"match a layer whose output rows have shape {tuple(lead)}: mark the logits of this "
             "model's loss, whose leading dims must prefix every registered layer's"
         )
-    w = weights.reshape(*weights.shape, *([1] * (len(lead) - weights.dim()))).expand(lead)
-    return flat * w.reshape(-1, 1).to(flat.dtype).sqrt()
+    total = math.prod(lead)
+    keep = sample.draw(total, rows.device) if sample is not None else None
+    acc = accumulation_dtype(dtype)
+    if keep is not None:  # the drawn rows, each with its own weight
+        index = torch.unravel_index(keep, lead)
+        rows = rows[index]
+        weights = None if weights is None else weights[index[: weights.dim()]]
+        scale *= math.sqrt(total / keep.numel())
+    # One pass: read the rows in their own layout (a conv's (B, H, W, C) view, say), write them
+    # contiguous and scaled in the accumulation dtype.
+    factor = torch.full([1] * rows.dim(), scale, dtype=acc, device=rows.device)
+    if weights is not None:
+        w = weights.to(acc).sqrt()
+        factor = factor * w.reshape(*w.shape, *([1] * (rows.dim() - w.dim())))
+    out = torch.empty(rows.shape, dtype=acc, device=rows.device)
+    torch.mul(rows.detach(), factor, out=out)
+    return out.view(-1, d)
 
 
 def weighted_count(samples: int, weights: Tensor | None, kept: int) -> int:
@@ -150,15 +237,48 @@ class _WeightBiasMath(ModuleMath):
     """Layout shared by Linear and Conv2d: ``[weight.view(out, -1) | bias]``; A from input rows."""
 
     @abstractmethod
-    def a_rows(self, module: nn.Module, x: Tensor) -> Tensor:
-        """The input as ``(rows, a_dim)`` rows ``a`` (with the bias column when there is a bias)."""
+    def a_columns(
+        self, module: nn.Module, x: Tensor, dtype: torch.dtype, sample: RowSample | None = None
+    ) -> tuple[Tensor, int, Tensor | None]:
+        """The input's rows ``a`` (without the bias entry) as the columns of a ``(d_in, n)`` matrix --
+        every row, or those ``sample`` draws -- how many rows the input has, and None, or the order
+        ``o`` of the columns' entries when it is not the weight's (entry ``t`` is row ``o[t]``). The
+        columns may be built in ``dtype``, the dtype of the statistic.
+        """
 
     def a_statistic(
         self, module: nn.Module, x: Tensor, dtype: torch.dtype, *, diagonal: bool = False
     ) -> tuple[Tensor, int]:
-        """Sum of ``a a^T`` (or of ``a * a``) over all rows."""
-        a = self.a_rows(module, x)
-        return second_moment(a, dtype, diagonal), a.shape[0]
+        """Sum of ``a a^T`` (or of ``a * a``) over all rows; with a bias, its row and column are the
+        sums of the rows and its corner their count (no column of ones is built).
+        """
+        return self._a_moment(module, x, dtype, None, diagonal)
+
+    def sampled_a_statistic(
+        self, module: nn.Module, x: Tensor, dtype: torch.dtype, sample: RowSample, *, diagonal: bool = False
+    ) -> tuple[Tensor, int]:
+        """The unbiased estimate of :meth:`a_statistic` from the rows ``sample`` draws."""
+        return self._a_moment(module, x, dtype, sample, diagonal)
+
+    def _a_moment(
+        self, module: nn.Module, x: Tensor, dtype: torch.dtype, sample: RowSample | None, diagonal: bool
+    ) -> tuple[Tensor, int]:
+        cols, rows, order = self.a_columns(module, x, dtype, sample)
+        drawn = cols.shape[1]
+        if diagonal:
+            moment = cols.to(accumulation_dtype(dtype)).square().sum(dim=1)
+        else:
+            moment = column_gram(cols, dtype)
+        bias = getattr(module, "bias", None) is not None
+        sums = cols.sum(dim=1, dtype=moment.dtype) if bias and not diagonal else None
+        if order is not None:
+            moment = moment[order] if diagonal else moment[order][:, order]
+            sums = None if sums is None else sums[order]
+        if bias:
+            moment = with_bias(moment, sums, drawn)
+        if drawn != rows:
+            moment = moment * (rows / max(drawn, 1))
+        return moment, rows
 
     def params(self, module: nn.Module) -> list[Tensor]:
         """Weight and bias."""
@@ -174,24 +294,35 @@ class _WeightBiasMath(ModuleMath):
         """An ``(out, in)`` matrix back in the weight's layout."""
         return matrix.reshape(weight.shape)
 
-    def grad_matrix(self, module: nn.Module) -> Tensor | None:
-        """``[dW as (out, in) | db]``."""
+    def grad_blocks(self, module: nn.Module) -> list[Tensor] | None:
+        """``[dW as (out, in), db as (out, 1)]``, views of the gradients (zeros for a bias without one)."""
         weight, *bias = self.params(module)
         if weight.grad is None:
             return None
-        m = self.weight_matrix(weight.grad)
+        blocks = [self.weight_matrix(weight.grad)]
         if bias:
-            bias_grad = bias[0].grad if bias[0].grad is not None else torch.zeros_like(bias[0])
-            m = torch.cat([m, bias_grad.unsqueeze(1)], dim=1)
-        return m
+            grad = bias[0].grad if bias[0].grad is not None else torch.zeros_like(bias[0])
+            blocks.append(grad.unsqueeze(1))
+        return blocks
+
+    def set_grad_blocks(self, module: nn.Module, blocks: list[Tensor], scale: float = 1.0) -> None:
+        """``scale`` times the weight block to the weight's ``.grad``, times the bias block to the bias'."""
+        weight, *bias = self.params(module)
+        _write(weight, self.weight_shaped(blocks[0], weight), scale)
+        if bias:
+            _write(bias[0], blocks[1][:, 0], scale)
+
+    def grad_matrix(self, module: nn.Module) -> Tensor | None:
+        """``[dW as (out, in) | db]``."""
+        blocks = self.grad_blocks(module)
+        if blocks is None:
+            return None
+        return blocks[0] if len(blocks) == 1 else torch.cat(blocks, dim=1)
 
     def set_grad(self, module: nn.Module, matrix: Tensor) -> None:
         """Back to the weight's layout; the last column to the bias."""
-        weight, *bias = self.params(module)
-        n = matrix.shape[1] - len(bias)
-        _write(weight, self.weight_shaped(matrix[:, :n], weight))
-        if bias:
-            _write(bias[0], matrix[:, -1])
+        n = matrix.shape[1] - (len(self.params(module)) - 1)
+        self.set_grad_blocks(module, [matrix[:, :n], matrix[:, n:]] if n < matrix.shape[1] else [matrix])
 
 
 class LinearMath(_WeightBiasMath):
@@ -207,10 +338,15 @@ class LinearMath(_WeightBiasMath):
         """Output features (rows of the weight)."""
         return int(self.params(module)[0].shape[0])
 
-    def a_rows(self, module: nn.Module, x: Tensor) -> Tensor:
-        """Every leading index of the input is a row; a 1 appended for the bias."""
-        a = x.reshape(-1, x.shape[-1])
-        return _bias_column(a) if getattr(module, "bias", None) is not None else a
+    def a_columns(
+        self, module: nn.Module, x: Tensor, dtype: torch.dtype, sample: RowSample | None = None
+    ) -> tuple[Tensor, int, Tensor | None]:
+        """Every leading index of the input is a row: the ``(rows, d_in)`` input transposed (a view
+        when the input is contiguous), or the drawn rows of it.
+        """
+        rows = x.reshape(-1, x.shape[-1])
+        keep = sample.draw(rows.shape[0], x.device) if sample is not None else None
+        return (rows if keep is None else rows.index_select(0, keep)).t(), rows.shape[0], None
 
     def g_rows(self, module: nn.Module, grad_output: Tensor) -> Tensor:
         """The output gradient as it is: ``(*lead, d_out)``."""
@@ -259,31 +395,41 @@ class Conv2dMath(_WeightBiasMath):
         assert isinstance(module, nn.Conv2d)
         return module.out_channels
 
-    def patches(self, module: nn.Conv2d, x: Tensor) -> Tensor:
-        """Unfolded input patches, ``(B, positions, C_in * kh * kw)``."""
-        padding = module.padding
-        if isinstance(padding, str):  # "same" / "valid": pad explicitly, possibly asymmetrically
-            x = F.pad(x, module._reversed_padding_repeated_twice)
-            padding = (0, 0)
-        cols = F.unfold(
-            x, module.kernel_size, dilation=module.dilation, padding=padding, stride=module.stride
-        )
-        return cols.transpose(1, 2)
+    def a_columns(
+        self, module: nn.Module, x: Tensor, dtype: torch.dtype, sample: RowSample | None = None
+    ) -> tuple[Tensor, int, Tensor | None]:
+        """Every patch of every sample is a row: the patches as columns, built in ``dtype``.
 
-    def a_rows(self, module: nn.Module, x: Tensor) -> Tensor:
-        """Every patch of every sample is a row; a 1 appended for the bias."""
+        All of them: ``(C_in * kh * kw, B * positions)``, in the weight's ``(C_in, kh, kw)`` order,
+        from one strided copy of the padded input (no ``F.unfold``, no transposed copy). Drawn ones:
+        gathered as rows ``(drawn, kh * kw * C_in)`` from a channels-last copy of the padded input
+        and returned transposed, with the order of their ``(kh, kw, C_in)`` entries.
+        """
         assert isinstance(module, nn.Conv2d)
+        x = x.to(dtype)
         if x.dim() == 3:  # unbatched input
             x = x.unsqueeze(0)
-        a = self.patches(module, x).reshape(-1, self.a_dim(module) - (module.bias is not None))
-        return _bias_column(a) if module.bias is not None else a
-
-    def a_statistic(
-        self, module: nn.Module, x: Tensor, dtype: torch.dtype, *, diagonal: bool = False
-    ) -> tuple[Tensor, int]:
-        """Sum of ``a a^T`` (or ``a * a``) over every patch of every sample, unfolded in ``dtype``."""
-        a = self.a_rows(module, x.to(dtype))
-        return second_moment(a, dtype, diagonal), a.shape[0]
+        (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
+        pads = module._reversed_padding_repeated_twice  # left, right, top, bottom ("same": asymmetric)
+        batch, channels, height, width = x.shape
+        hp, wp = height + pads[2] + pads[3], width + pads[0] + pads[1]
+        ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
+        rows, side = batch * ho * wo, channels * kh * kw
+        keep = sample.draw(rows, x.device) if sample is not None else None
+        if keep is None:
+            padded = F.pad(x, tuple(pads)) if any(pads) else x
+            spans = dh * (kh - 1) + 1, dw * (kw - 1) + 1
+            windows = padded.unfold(2, spans[0], sh).unfold(3, spans[1], sw)[..., ::dh, ::dw]
+            # (B, C, Ho, Wo, kh, kw) -> (C, kh, kw, B, Ho, Wo): the one copy
+            return windows.permute(1, 4, 5, 0, 2, 3).reshape(side, rows), rows, None
+        padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, *pads)).reshape(-1, channels)  # (B * Hp * Wp, C)
+        sample_index, position = keep // (ho * wo), keep % (ho * wo)
+        corner = (sample_index * hp + position // wo * sh) * wp + position % wo * sw
+        arange = partial(torch.arange, device=x.device)
+        steps = arange(kh)[:, None] * (dh * wp) + arange(kw) * dw  # (kh, kw) offsets within a window
+        picked = padded.index_select(0, (corner[:, None, None] + steps).reshape(-1)).view(-1, side)
+        order = arange(side).view(kh, kw, channels).permute(2, 0, 1).reshape(-1)
+        return picked.t(), rows, order
 
     def g_rows(self, module: nn.Module, grad_output: Tensor) -> Tensor:
         """``(B, C, H, W)`` to ``(B, H, W, C)``."""
@@ -358,9 +504,11 @@ class EmbeddingMath(ModuleMath):
         return "sparse=True (sparse gradients are not preconditioned)" if module.sparse else None
 
 
-def _write(param: Tensor, value: Tensor) -> None:
-    """Set ``param.grad`` to ``value`` (a fresh tensor when there is none)."""
+def _write(param: Tensor, value: Tensor, scale: float = 1.0) -> None:
+    """Set ``param.grad`` to ``scale * value`` (a fresh tensor when there is none)."""
     if param.grad is None:
-        param.grad = value.to(param.dtype).contiguous().clone()
-    else:
+        param.grad = (value * scale if scale != 1.0 else value).to(param.dtype).contiguous().clone()
+    elif scale == 1.0:
         param.grad.copy_(value)
+    else:
+        torch.mul(value, scale, out=param.grad)
