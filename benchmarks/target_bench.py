@@ -10,10 +10,11 @@ batches.
 Methods. SGD (momentum 0.9) and AdamW (weight decay 0) each tuned over a learning-rate grid;
 K-FAC = SGD with momentum 0.9 under ``KFACPreconditioner`` with ``KFACConfig`` defaults except
 ``curvature``, ``output_module`` and the refresh periods named in the method (``10/100`` =
-factor_every 10, inverse_every 100; ``adaptive`` = refresh "adaptive" from 10/100), its learning
-rate picked from a small grid on iEF 10/100. ``cold`` turns off the early-curvature defaults
-(``refresh_warmup=False, factor_debias=False``): what K-FAC did before them; ``comm`` uses
-``placement="communication"`` (every rank preconditions every layer: no per-step broadcast).
+factor_every 10, inverse_every 100, the defaults), its learning rate picked from a small grid on iEF 10/100. Variants change one thing: ``adaptive`` = refresh
+"adaptive"; ``inverse`` = method "inverse" (2 matmuls per layer and step instead of 4);
+``memory`` = placement "memory" (each layer preconditioned by one rank, which broadcasts it every
+step); ``before`` = the defaults before the early-curvature and step-cost work (no refresh warm-up,
+undebiased factors, every row in the statistics, memory placement).
 
 Phases, each run in one 2-rank job whose methods are interleaved in blocks of 20 steps (the order
 reversed every block), so a change of the machine's load hits every method alike:
@@ -102,25 +103,22 @@ QUICK = Settings(
     steps=20, per_rank=16, block=5, repeats=1, samples=400, sgd_lrs=(0.1,), adamw_lrs=(1e-3,), kfac_lrs=(0.1,)
 )
 
+TEN_HUNDRED = {"factor_every": 10, "inverse_every": 100}
 KFAC_VARIANTS: dict[str, dict[str, Any]] = {
-    "ief 10/100": {"curvature": "ief", "factor_every": 10, "inverse_every": 100},
-    "ef 10/100": {"curvature": "ef", "factor_every": 10, "inverse_every": 100},
-    "mc 10/100": {"curvature": "mc", "factor_every": 10, "inverse_every": 100},
-    "ief adaptive": {"curvature": "ief", "factor_every": 10, "inverse_every": 100, "refresh": "adaptive"},
-    "ief 10/100 cold": {
+    "ief 10/100": {"curvature": "ief", **TEN_HUNDRED},
+    "ef 10/100": {"curvature": "ef", **TEN_HUNDRED},
+    "mc 10/100": {"curvature": "mc", **TEN_HUNDRED},
+    "ief adaptive": {"curvature": "ief", **TEN_HUNDRED, "refresh": "adaptive"},
+    "ief 10/100 inverse": {"curvature": "ief", **TEN_HUNDRED, "method": "inverse"},
+    "ief 10/100 memory": {"curvature": "ief", **TEN_HUNDRED, "placement": "memory"},
+    "ief 10/100 before": {
         "curvature": "ief",
-        "factor_every": 10,
-        "inverse_every": 100,
+        **TEN_HUNDRED,
         "refresh_warmup": False,
         "factor_debias": False,
+        "statistics_rows": None,
+        "placement": "memory",
     },
-    "ief 10/100 comm": {
-        "curvature": "ief",
-        "factor_every": 10,
-        "inverse_every": 100,
-        "placement": "communication",
-    },
-    "ief 1/1": {"curvature": "ief", "factor_every": 1, "inverse_every": 1},
 }
 
 

@@ -208,10 +208,13 @@ class KFACConfig:
     weights) weighing ``d^(t-1)`` for the first ``1/(1-d)`` folds. False: the first fold, then
     ``d X + (1-d) X_new``."""
 
-    factor_every: int = 1
-    """Capture statistics and refresh the factors every this many steps."""
+    factor_every: int = 10
+    """Capture statistics and refresh the factors every this many steps. The default 10 / 100 (with
+    ``refresh_warmup``) is what reached a target loss first in wall time in
+    ``benchmarks/target_bench.py``: refreshing every step learnt little more per step at about 3x
+    the step time (docs/benchmarks.md)."""
 
-    inverse_every: int = 1
+    inverse_every: int = 100
     """Recompute eigendecompositions / inverses every this many steps (a multiple of factor_every)."""
 
     kl_clip: float | None = 1e-3
@@ -306,10 +309,14 @@ class KFACConfig:
     """How factors are dealt to ranks: ``"round_robin"`` in registration order, or ``"greedy"``
     longest-processing-time first by decomposition cost (n^3)."""
 
-    placement: Placement = Placement.MEMORY
+    placement: Placement = Placement.COMMUNICATION
     """Where preconditioned gradients are computed (KAISA): ``"memory"`` by one rank per layer,
-    which broadcasts them; ``"communication"`` by every rank, decompositions broadcast instead;
-    ``"hybrid"`` by grad_worker_fraction of the ranks."""
+    which broadcasts them every step; ``"communication"`` (the default, as KAISA's) by every rank,
+    the decompositions broadcast instead, only when they are recomputed, at the cost of holding
+    every layer's decompositions on every rank; ``"hybrid"`` by grad_worker_fraction of the ranks.
+    Measured on 2 CPU ranks (``benchmarks/target_bench.py``) the per-step broadcast of "memory" cost
+    more than preconditioning every layer locally; choose "memory" or "hybrid" when the
+    decompositions do not fit on one device."""
 
     grad_worker_fraction: float = 0.5
     """Hybrid placement: fraction of ranks computing each layer's preconditioned gradient (rounded
@@ -321,11 +328,11 @@ class KFACConfig:
     transport: Transport = Transport.TORCH
     """Collectives over torch.distributed (gloo / NCCL) or over mpi4py (CPU buffers)."""
 
-    statistics_rows: int | None = None
+    statistics_rows: int | None = 4096
     """At most this many rows (samples x positions: a conv layer has batch x H_out x W_out) per
     layer and pass build its A and G statistics on a capture step, drawn uniformly without
     replacement (reproducibly: seeded by ``seed``, the step, the layer and the factor) and scaled
-    by rows / drawn, so each factor stays an unbiased estimate; None (the default) uses every row.
+    by rows / drawn, so each factor stays an unbiased estimate; None uses every row.
     Applies to the A of Linear, Conv1D and Conv2d layers and the G of every Kronecker-factored layer
     (embeddings' token counts and normalisation layers are always exact); with gradient accumulation
     each pass draws its own rows. The Gram products cost in proportion to the rows. Measured

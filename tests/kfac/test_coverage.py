@@ -595,7 +595,7 @@ def test_the_damped_reciprocal_is_kept_between_decompositions_and_follows_the_da
     model = nn.Sequential(nn.Linear(6, 4))
     schedule = [1e-2, 1e-2, 1e-1, 1e-1, 1e-1]
     pc = KFACPreconditioner(
-        model, KFACConfig(kl_clip=None, curvature="ef", inverse_every=4, refresh_warmup=False, damping=lambda step: schedule[step])
+        model, KFACConfig(kl_clip=None, curvature="ef", factor_every=1, inverse_every=4, refresh_warmup=False, damping=lambda step: schedule[step])
     )
     kept = []
     for _ in range(5):

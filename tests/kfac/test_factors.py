@@ -257,7 +257,7 @@ def run_kfac(
     **config: object,
 ) -> tuple[dict[str, tuple[Tensor, Tensor]], KFACPreconditioner]:
     """One step of the preconditioner (one or several forward/backward pairs); {layer: (A, G)}."""
-    cfg = {"factor_dtype": "float64", **config}
+    cfg = {"factor_dtype": "float64", "factor_every": 1, "inverse_every": 1, "statistics_rows": None, **config}
     pc = KFACPreconditioner(
         case.model,
         KFACConfig(
@@ -484,7 +484,13 @@ def test_mc_average_over_steps_converges_and_draws_change() -> None:
     pc = KFACPreconditioner(
         case.model,
         KFACConfig(
-            curvature="mc", factor_decay=0.0, kl_clip=None, output_module="head", factor_dtype="float64"
+            curvature="mc",
+            factor_decay=0.0,
+            kl_clip=None,
+            output_module="head",
+            factor_dtype="float64",
+            factor_every=1,
+            inverse_every=1,
         ),
     )
     sums = {name: torch.zeros_like(fisher[name][1]) for name in case.names}
@@ -523,7 +529,13 @@ def test_mc_single_sample_is_one_label_outer_product(kind: str) -> None:
     pc = KFACPreconditioner(
         case.model,
         KFACConfig(
-            curvature="mc", factor_decay=0.0, kl_clip=None, output_module="head", factor_dtype="float64"
+            curvature="mc",
+            factor_decay=0.0,
+            kl_clip=None,
+            output_module="head",
+            factor_dtype="float64",
+            factor_every=1,
+            inverse_every=1,
         ),
     )
     drawn = set()
@@ -673,7 +685,8 @@ def test_conv_row_sample_gathers_the_drawn_patches() -> None:
 def test_statistics_rows_must_be_a_positive_integer_or_none(value: object) -> None:
     with pytest.raises(ValueError, match=r"^KFACConfig\.statistics_rows: got .*; expected an integer >= 1"):
         KFACConfig(statistics_rows=value)  # type: ignore[arg-type]
-    assert KFACConfig().statistics_rows is None
+    assert KFACConfig().statistics_rows == 4096
+    assert KFACConfig(statistics_rows=None).statistics_rows is None
 
 
 @pytest.mark.parametrize("curvature", ["ef", "ief"])
@@ -692,7 +705,7 @@ def test_statistics_rows_factors_are_unbiased_and_reproducible(curvature: str) -
             case.model,
             KFACConfig(
                 curvature=curvature, factor_decay=0.0, kl_clip=None, output_module="head",  # type: ignore[arg-type]
-                factor_dtype="float64", statistics_rows=10, seed=seed,
+                factor_dtype="float64", statistics_rows=10, seed=seed, factor_every=1, inverse_every=1,
             ),
         )
         out = []
@@ -789,13 +802,13 @@ def test_fold_counts_travel_with_the_checkpoint() -> None:
         return nn.Sequential(nn.Linear(4, 3), nn.Tanh(), nn.Linear(3, 2))
 
     model, other = mlp(), mlp()
-    precond = KFACPreconditioner(model, KFACConfig(output_module="2", kl_clip=None))
+    precond = KFACPreconditioner(model, KFACConfig(output_module="2", kl_clip=None, factor_every=1, inverse_every=1))
     for seed in range(3):
         run(precond, model, seed)
     state = precond.state_dict()
     assert state["folds"] == {f"{n}/{f}": 3 for n in ("0", "2") for f in "ag"}
     other.load_state_dict(model.state_dict())
-    fresh = KFACPreconditioner(other, KFACConfig(output_module="2", kl_clip=None))
+    fresh = KFACPreconditioner(other, KFACConfig(output_module="2", kl_clip=None, factor_every=1, inverse_every=1))
     fresh.load_state_dict(state)
     assert all(la.factors[f].folds == 3 for la in fresh.layers for f in "ag")
     run(precond, model, 3)

@@ -190,7 +190,15 @@ def _decompose_until_raised(config: KFACConfig, scales: list[float]) -> tuple[KF
     return pc, None, ""
 
 
-HUGE_FACTORS = {"output_module": "2", "curvature": "ef", "factor_dtype": "float64", "factor_decay": 0.0, "kl_clip": None}
+HUGE_FACTORS = {
+    "output_module": "2",
+    "curvature": "ef",
+    "factor_dtype": "float64",
+    "factor_decay": 0.0,
+    "kl_clip": None,
+    "factor_every": 1,
+    "inverse_every": 1,
+}
 """Statistics in float64, decompositions in float32: inputs of HUGE give A factors float32 cannot hold."""
 
 
@@ -237,7 +245,7 @@ def test_a_failed_decomposition_never_writes_non_finite_values_into_the_gradient
 def _failing_distributed_run(rank: int, world_size: int, placement: str) -> tuple[int | None, str]:
     net = scenarios.model()
     config = KFACConfig(
-        **{**HUGE_FACTORS, "output_module": "5"}, placement=placement, max_failed_decompositions=2, inverse_every=1
+        **{**HUGE_FACTORS, "output_module": "5"}, placement=placement, max_failed_decompositions=2
     )
     pc = KFACPreconditioner(net, config)
     share = scenarios.BATCH // world_size
