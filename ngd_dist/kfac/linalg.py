@@ -130,9 +130,12 @@ def _inverse(x: Tensor, shift: float, dtype: torch.dtype) -> Inverse:
 
 
 def _cast(d: Decomposition, dtype: torch.dtype) -> Decomposition:
+    """``d`` in ``dtype`` and contiguous: laid out as the copies other ranks unpack from a broadcast
+    (eigh and cholesky_inverse return column-major matrices), so that every rank's matmuls take
+    the same path and give the same bits."""
     if isinstance(d, Inverse):
-        return Inverse(d.inv.to(dtype))
-    return Eigen(None if d.q is None else d.q.to(dtype), d.v.to(dtype))
+        return Inverse(d.inv.to(dtype).contiguous())
+    return Eigen(None if d.q is None else d.q.to(dtype).contiguous(), d.v.to(dtype).contiguous())
 
 
 def decompose(x: Tensor, method: str, shift: float, dtype: torch.dtype) -> tuple[Decomposition | None, bool]:
@@ -148,7 +151,7 @@ def decompose(x: Tensor, method: str, shift: float, dtype: torch.dtype) -> tuple
             result = _eigen(x, dt) if method == "eigen" else _inverse(x, shift, dt)
         except (RuntimeError, torch.linalg.LinAlgError):
             continue
-        result = _cast(result, dtype) if dt != dtype else result
+        result = _cast(result, dtype)
         if all(bool(torch.isfinite(t).all()) for t in result.tensors()):
             return result, attempt > 0
     return None, len(dtypes) > 1

@@ -187,3 +187,17 @@ def test_preconditioning_concatenates_no_gradient_matrix() -> None:
     F.cross_entropy(model(x), y).backward()
     with mock.patch("torch.cat", side_effect=AssertionError("torch.cat in preconditioning")):
         pc._precondition(1)
+
+
+@pytest.mark.parametrize("method", ["eigen", "inverse"])
+def test_an_owner_s_decomposition_is_laid_out_as_a_receiver_s(method: str) -> None:
+    """With placement "communication" every rank preconditions with the owner's decomposition: the
+    owner's own copy and the broadcast ones (unpacked from a flat buffer, contiguous) must have the
+    same memory layout, or the matmuls take different BLAS paths and the ranks' updates differ in
+    the last bits (eigh returns column-major eigenvectors)."""
+    from ngd_dist.kfac.linalg import decompose
+
+    x = torch.randn(7, 7, dtype=torch.float64)
+    result, _ = decompose(x @ x.T + torch.eye(7, dtype=torch.float64), method, 0.1, torch.float32)
+    assert result is not None
+    assert all(t.is_contiguous() for t in result.tensors())
