@@ -9,12 +9,12 @@ batches.
 
 Methods. SGD (momentum 0.9) and AdamW (weight decay 0) each tuned over a learning-rate grid;
 K-FAC = SGD with momentum 0.9 under ``KFACPreconditioner`` with ``KFACConfig`` defaults except
-``curvature``, ``output_module`` and the refresh periods named in the method (``10/100`` =
-factor_every 10, inverse_every 100, the defaults), its learning rate picked from a small grid on iEF 10/100. Variants change one thing: ``adaptive`` = refresh
-"adaptive"; ``inverse`` = method "inverse" (2 matmuls per layer and step instead of 4);
-``memory`` = placement "memory" (each layer preconditioned by one rank, which broadcasts it every
-step); ``before`` = the defaults before the early-curvature and step-cost work (no refresh warm-up,
-undebiased factors, every row in the statistics, memory placement).
+``curvature`` and ``output_module`` (``10/100`` = factor_every 10, inverse_every 100: the
+defaults), its learning rate picked from a small grid on iEF 10/100. Variants change one thing:
+``adaptive`` = refresh "adaptive"; ``inverse`` = method "inverse" (2 matmuls per layer and step
+instead of 4); ``memory`` = placement "memory" (each layer preconditioned by one rank, which
+broadcasts it every step); ``before`` = the defaults before the early-curvature and step-cost
+work (no refresh warm-up, undebiased factors, every row in the statistics, memory placement).
 
 Phases, each run in one 2-rank job whose methods are interleaved in blocks of 20 steps (the order
 reversed every block), so a change of the machine's load hits every method alike:

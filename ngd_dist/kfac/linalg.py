@@ -132,7 +132,8 @@ def _inverse(x: Tensor, shift: float, dtype: torch.dtype) -> Inverse:
 def _cast(d: Decomposition, dtype: torch.dtype) -> Decomposition:
     """``d`` in ``dtype`` and contiguous: laid out as the copies other ranks unpack from a broadcast
     (eigh and cholesky_inverse return column-major matrices), so that every rank's matmuls take
-    the same path and give the same bits."""
+    the same path and give the same bits.
+    """
     if isinstance(d, Inverse):
         return Inverse(d.inv.to(dtype).contiguous())
     return Eigen(None if d.q is None else d.q.to(dtype).contiguous(), d.v.to(dtype).contiguous())

@@ -5,8 +5,9 @@ and a launch that ends fast, with one line and the root cause's exit code, when 
   --master-addr A --master-port P] [--max-restarts K] -m ngd_dist.cli train CONFIG ...``: torchrun's
   own launcher (same arguments) without its failure traceback (:mod:`ngd_dist.service.torchrun`).
 - mpirun (Open MPI): ``mpirun -np N [--hostfile F] [--allow-run-as-root] -x PATH -x PYTHONPATH
-  python -m ngd_dist.cli train CONFIG ...``; ranks and the rendezvous come from MPI, so no
-  ``MASTER_ADDR`` is needed. ``--allow-run-as-root`` is added when running as root (containers).
+  [-x OMP_NUM_THREADS] python -m ngd_dist.cli train CONFIG ...``; ranks and the rendezvous come
+  from MPI, so no ``MASTER_ADDR`` is needed. ``--allow-run-as-root`` is added when running as
+  root (containers).
 - deepspeed: ``deepspeed --num_gpus N [--hostfile F --num_nodes M --no_ssh --node_rank R]
   --master_addr A --master_port P --module ngd_dist.cli train CONFIG --deepspeed ...``, the
   ``deepspeed`` script next to this Python. ``--num_gpus`` is the number of workers per node (CPU
@@ -109,6 +110,8 @@ def build_command(spec: LaunchSpec) -> list[str]:
     for name in ("PATH", "PYTHONPATH", "VIRTUAL_ENV"):
         if name in os.environ:
             cmd += ["-x", name]
+    if spec.nproc > 1:
+        cmd += ["-x", "OMP_NUM_THREADS"]  # set by launch_env unless the user set it
     return [*cmd, sys.executable, *worker]
 
 
@@ -137,17 +140,17 @@ def launch_env(spec: LaunchSpec, environ: Mapping[str, str] | None = None) -> di
     """The environment to start ``spec``'s launcher in.
 
     ``environ`` (default ``os.environ``), plus, when they are unset: for DeepSpeed
-    ``TORCH_EXTENSIONS_DIR`` (see :mod:`ngd_dist.service.deepspeed_engine`), and for DeepSpeed and
-    torchrun with several workers per node ``OMP_NUM_THREADS=1`` (without it the ranks' thread pools
-    compete for the cores: the quickstart runs 2-3x slower on 2 cores; torchrun would set it too,
-    with a banner saying so).
+    ``TORCH_EXTENSIONS_DIR`` (see :mod:`ngd_dist.service.deepspeed_engine`), and for every launcher
+    with several workers per node ``OMP_NUM_THREADS=1`` (without it the ranks' thread pools compete
+    for the cores: the quickstart runs 2-3x slower on 2 cores; torchrun would set it too, with a
+    banner saying so; mpirun forwards it with ``-x``).
     """
     env = dict(os.environ if environ is None else environ)
     if spec.launcher == "deepspeed":
         from ngd_dist.service.deepspeed_engine import ensure_extensions_dir
 
         ensure_extensions_dir(env)
-    if spec.launcher in ("deepspeed", "torchrun") and spec.nproc > 1:
+    if spec.nproc > 1:
         env.setdefault("OMP_NUM_THREADS", "1")
     return env
 

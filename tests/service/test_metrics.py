@@ -148,7 +148,7 @@ def _kfac_steps(model: nn.Module, precond: KFACPreconditioner, n: int, batch) ->
 
 def test_preconditioner_counters_are_monotonic(exporter: MetricsExporter, tanh_mlp, classification_batch) -> None:
     model = tanh_mlp(6, 5, 3, seed=0)
-    precond = KFACPreconditioner(model, KFACConfig(kl_clip=None, curvature="ef"))
+    precond = KFACPreconditioner(model, KFACConfig(kl_clip=None, curvature="ef", factor_every=1, inverse_every=1))
     _kfac_steps(model, precond, 2, classification_batch)
     exporter.observe_preconditioner(precond)
     first = scrape(exporter)
@@ -171,7 +171,7 @@ def test_preconditioner_counters_are_monotonic(exporter: MetricsExporter, tanh_m
     second = scrape(exporter)
     assert value(second, "ngd_decompositions_total") == precond.stats.decompositions
     # a fresh preconditioner (e.g. after recovery) restarts its counts: the exported ones still grow
-    fresh = KFACPreconditioner(model, KFACConfig(kl_clip=None, curvature="ef"))
+    fresh = KFACPreconditioner(model, KFACConfig(kl_clip=None, curvature="ef", factor_every=1, inverse_every=1))
     _kfac_steps(model, fresh, 1, classification_batch)
     exporter.observe_preconditioner(fresh)
     third = scrape(exporter)
