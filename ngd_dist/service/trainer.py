@@ -29,7 +29,6 @@ import dataclasses
 import gc
 import logging
 import math
-import sys
 import time
 from collections import Counter
 from collections.abc import Mapping
@@ -65,6 +64,7 @@ from ngd_dist.service.jobs import Job, JobError, job_to_dict, job_to_yaml
 from ngd_dist.service.jobs.errors import clip
 from ngd_dist.service.metrics.exporter import NONFINITE_GRADIENT, NONFINITE_LOSS
 from ngd_dist.service.metrics.report import StepReport, open_exporter
+from ngd_dist.service.progress import Progress, configure_logging
 from ngd_dist.service.records import RunRecord
 from ngd_dist.service.resume import check_files, job_changes, refusal, resume_error, resume_source
 
@@ -493,7 +493,7 @@ class Worker:
             job.checkpoint.dir, enabled=self.env.rank == 0, tensorboard=job.metrics.tensorboard
         )
         record.start(job_to_yaml(job), resumed)
-        bar = _Progress(job.train.steps, self.step, enabled=self.env.rank == 0)
+        bar = Progress(job.train.steps, self.step, enabled=self.env.rank == 0)
         first = last = math.nan
         preempted = False
         start, start_step = time.perf_counter(), self.step
@@ -624,70 +624,6 @@ class Worker:
             "gamma": report.last_gamma,
             "phases": dict(self.parts.clock.totals),
         }
-
-
-class _Progress:
-    """Rank 0's progress: a tqdm bar when stderr is a terminal; otherwise (CI, ``docker logs``, a
-    file) one plain log line per logged step, with no carriage-return redraws. Nothing elsewhere.
-    """
-
-    def __init__(self, total: int, initial: int, enabled: bool) -> None:
-        self.bar: Any = None
-        self.total = total
-        self.lines = enabled and not sys.stderr.isatty()
-        if enabled and not self.lines:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=initial, unit="step", file=sys.stderr, dynamic_ncols=True)
-
-    def update_to(self, step: int, *, loss: float, rate: float, gamma: float | None = None) -> None:
-        extra = {"gamma": f"{gamma:.3g}"} if gamma is not None else {}
-        if self.bar is not None:
-            self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{loss:.4f}", samples_per_s=f"{rate:.0f}", **extra)
-        elif self.lines:
-            shown = "".join(f" {k}={v}" for k, v in extra.items())
-            log.info("step %d/%d loss=%.4f samples_per_s=%.0f%s", step, self.total, loss, rate, shown)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-class _BarSafeHandler(logging.StreamHandler):
-    """Writes each log line through ``tqdm.write`` while a progress bar is open, so the line starts
-    on a line of its own and the bar is redrawn below it (plain stderr otherwise).
-    """
-
-    def emit(self, record: logging.LogRecord) -> None:
-        """Write one record to the current ``sys.stderr`` (not the one of when logging was set up,
-        which may have been replaced and closed since: a test's capture, a redirected stream).
-        """
-        self.stream = sys.stderr
-        try:
-            from tqdm import tqdm
-        except ImportError:  # pragma: no cover - tqdm is a dependency
-            super().emit(record)
-            return
-        if not getattr(tqdm, "_instances", None):
-            super().emit(record)
-            return
-        try:
-            tqdm.write(self.format(record), file=self.stream)
-        except Exception:
-            self.handleError(record)
-
-
-def configure_logging(rank: int) -> None:
-    """Rank-prefixed log lines on stderr (rank 0 logs INFO, the others WARNING and above), each on a
-    line of its own even while rank 0's progress bar is drawn.
-    """
-    handler = _BarSafeHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter(f"[rank {rank}] %(levelname)s %(message)s"))
-    root = logging.getLogger("ngd_dist")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.INFO if rank == 0 else logging.WARNING)
-    root.propagate = False
 
 
 def run_job(job: Job, *, job_dir: Path | None = None, deepspeed: bool = False) -> TrainResult:
