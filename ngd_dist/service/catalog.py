@@ -250,11 +250,27 @@ def build_data(
     return TensorPairs(inputs, targets)
 
 
-def _produce(
-    name: str, args: Mapping[str, Any] | None, *, seed: int, import_paths: Sequence[str | os.PathLike[str]]
-) -> tuple[Any, str]:
-    """What the data factory returns, and the ``format`` of a built-in's items (``"pairs"`` unless
-    ``data.args.format`` says ``"dict"``, which the built-in language-model data accepts).
+@dataclass(frozen=True)
+class DataFactory:
+    """A job's data factory, resolved and its arguments checked, not yet called."""
+
+    factory: Callable[..., Any]
+    builtin: BuiltinDataset | None
+    """The built-in's spec, or None for a ``module:factory`` of the user's."""
+    kwargs: dict[str, Any]
+    """The checked arguments (a built-in language-model data's ``format`` taken out)."""
+    form: str
+    """The items' format: ``"pairs"``, or ``"dict"`` when ``data.args.format`` asks for it."""
+
+
+def check_data_factory(
+    name: str, args: Mapping[str, Any] | None, import_paths: Sequence[str | os.PathLike[str]] = ()
+) -> DataFactory:
+    """Resolve ``data.name`` and check ``data.args`` against the factory, without calling it (what
+    ``validate`` checks and what :func:`build_data` then calls). ValueError naming the field.
+
+    The ``format`` of a built-in's items (``"pairs"`` unless ``data.args.format`` says ``"dict"``,
+    which the built-in language-model data accepts) is taken out of the arguments.
     """
     factory, builtin = _resolve("data", name, BUILTIN_DATASETS, import_paths)
     form = "pairs"
@@ -270,9 +286,18 @@ def _produce(
             raise ValueError(f"data.args.format: got {form!r}; expected one of {', '.join(DATA_FORMATS)}")
         args = {k: v for k, v in args.items() if k != "format"}
     kwargs = _check_args("data", name, factory, args, builtin=builtin)
-    if "seed" not in kwargs and "seed" in (_parameters(factory) or {}):
+    return DataFactory(factory, BUILTIN_DATASETS[name] if builtin else None, kwargs, form)
+
+
+def _produce(
+    name: str, args: Mapping[str, Any] | None, *, seed: int, import_paths: Sequence[str | os.PathLike[str]]
+) -> tuple[Any, str]:
+    """What the data factory returns, and the format of a built-in's items."""
+    data = check_data_factory(name, args, import_paths)
+    kwargs = dict(data.kwargs)
+    if "seed" not in kwargs and "seed" in (_parameters(data.factory) or {}):
         kwargs["seed"] = seed
-    return _call("data", name, factory, kwargs, builtin=builtin), form
+    return _call("data", name, data.factory, kwargs, builtin=data.builtin is not None), data.form
 
 
 def output_module_of(name: str, model: nn.Module | None = None) -> str | None:

@@ -227,11 +227,8 @@ def check_data(job: Job, import_paths: Sequence[str] = (), *, here: bool = True)
     name, args = job.data.name, dict(job.data.args)
     try:
         # The catalog's own resolution and argument checks, without calling the factory.
-        factory, builtin = catalog._resolve("data", name, catalog.BUILTIN_DATASETS, import_paths)
-        spec = catalog.BUILTIN_DATASETS[name] if builtin else None
-        if spec is not None and spec.task == "language_model":
-            args.pop("format", None)  # the item format of the built-in language-model data
-        kwargs = catalog._check_args("data", name, factory, args, builtin=builtin)
+        data = catalog.check_data_factory(name, args, import_paths)
+        spec, kwargs = data.builtin, data.kwargs
         if spec is not None and here:
             if spec.check is not None:
                 spec.check(**kwargs)
