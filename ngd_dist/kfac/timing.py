@@ -43,7 +43,8 @@ class PhaseClock:
         boundary before the time is read (``torch.cuda.synchronize`` for device-accurate phases).
         """
         self._now = now
-        self._sync = sync
+        self.sync = sync
+        """Called at every phase boundary before the time is read, or None."""
         self.totals: defaultdict[str, float] = defaultdict(float)
         """Seconds per phase since the clock was made (clear it at will: :meth:`take` is unaffected)."""
         self._since_take: dict[str, float] = {}
@@ -52,15 +53,15 @@ class PhaseClock:
     @contextmanager
     def __call__(self, phase: str) -> Iterator[None]:
         """Add the wall time of the ``with`` body, less that of the phases nested in it, to ``phase``."""
-        if self._sync is not None:
-            self._sync()
+        if self.sync is not None:
+            self.sync()
         opened = _Open(phase, self._now())
         self._open.append(opened)
         try:
             yield
         finally:
-            if self._sync is not None:
-                self._sync()
+            if self.sync is not None:
+                self.sync()
             elapsed = self._now() - opened.start
             self._open.pop()
             own = elapsed - opened.nested

@@ -9,6 +9,7 @@ the preconditioner, which times its own on it.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
@@ -64,6 +65,13 @@ class Parts:
     """The items held out to evaluate on (``data.holdout`` with ``train.eval_every`` > 0), else None."""
 
 
+
+def device_sync(device: torch.device) -> Callable[[], None] | None:
+    """What waits for ``device``'s queued work (``metrics.synchronize_phases``), or None on the CPU."""
+    if device.type != "cuda":
+        return None
+    return lambda: torch.cuda.synchronize(device)
+
 def build(job: Job, env: Environment, *, job_dir: Path | None = None, deepspeed: bool = False) -> Parts:
     """The parts of ``job`` on ``env``; user factories are imported from ``job_dir`` too.
 
@@ -94,7 +102,7 @@ def build(job: Job, env: Environment, *, job_dir: Path | None = None, deepspeed:
         pin_memory=job.data.pin_memory and env.device.type == "cuda",
         prefetch_factor=job.data.prefetch_factor,
     )
-    clock = PhaseClock()
+    clock = PhaseClock(sync=device_sync(env.device) if job.metrics.synchronize_phases else None)
     quality = _quality_probe(job, env, base_model, task, dataset)
     optimizer = build_optimizer(job.optimizer, model)
     base_lr = job.optimizer.lr

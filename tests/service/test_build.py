@@ -44,3 +44,22 @@ def test_the_parts_share_one_clock_with_the_preconditioner(tmp_path) -> None:
     assert job.preconditioner.kfac.output_module is None
     assert parts.model is parts.base_model  # one rank: no DDP wrapper
     assert parts.global_batch == job.batch.per_rank
+
+
+def test_metrics_synchronize_phases_gives_the_clock_a_device_sync_on_cuda_only(tmp_path, monkeypatch) -> None:
+    """metrics.synchronize_phases: on CUDA every phase boundary waits for the device (queued work is
+    charged to the phase that queued it); on the CPU work is synchronous and nothing is added."""
+    import ngd_dist.service.build as build_module
+
+    job = load_job(QUICK, [f"checkpoint.dir={tmp_path}", "metrics.synchronize_phases=true"])
+    assert job.metrics.synchronize_phases is True
+    cpu = build(job, Environment(0, 1, 0, torch.device("cpu"), "single"))
+    assert cpu.clock.sync is None
+    waits: list[str] = []
+    monkeypatch.setattr(build_module, "device_sync", lambda device: lambda: waits.append(device.type))
+    synced = build(job, Environment(0, 1, 0, torch.device("cpu"), "single"))
+    with synced.clock("forward"):
+        pass
+    assert waits == ["cpu", "cpu"]
+    off = build(load_job(QUICK, [f"checkpoint.dir={tmp_path}"]), Environment(0, 1, 0, torch.device("cpu"), "single"))
+    assert off.clock.sync is None

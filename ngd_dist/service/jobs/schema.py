@@ -474,6 +474,12 @@ class MetricsSpec(Spec):
     """Also write TensorBoard event files into the run directory (``checkpoint.dir``, which must be
     set): the scalars of each ``metrics.jsonl`` record (rank 0). Needs the ``tensorboard`` extra."""
 
+    synchronize_phases: bool = field(default=False, metadata=flag())
+    """On a GPU, wait for the device at every phase boundary, so that each phase of
+    ``ngd_phase_seconds`` (and of ``metrics.jsonl``) is charged with the device work it queued; off,
+    asynchronous work lands in whichever later phase waits for it, and measuring adds nothing to the
+    step. No effect on the CPU, whose work is synchronous."""
+
 
 @dataclass(frozen=True, kw_only=True)
 class DistributedSpec(Spec):
