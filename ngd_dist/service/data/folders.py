@@ -130,14 +130,18 @@ class CIFAR10(Dataset[tuple[Tensor, Tensor]]):
         """Number of images."""
         return int(self.offsets[-1])
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
-        """Image ``index``: a float ``(3, 32, 32)`` tensor in [0, 1] (standardised if asked), its label."""
+    def _record(self, index: int) -> tuple[Tensor, Tensor]:
+        """Record ``index`` as it is stored: a float ``(3, 32, 32)`` image in [0, 1] and its label."""
         if not 0 <= index < len(self):
             raise IndexError(index)
         which = int(np.searchsorted(self.offsets, index, side="right")) - 1
         record = np.array(self.maps[which][index - self.offsets[which]])
-        x = torch.from_numpy(record[1:]).float().div_(255.0).view(3, 32, 32)
-        return _standardise(x, self.mean, self.std), torch.tensor(int(record[0]))
+        return torch.from_numpy(record[1:]).float().div_(255.0).view(3, 32, 32), torch.tensor(int(record[0]))
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+        """Image ``index``: a float ``(3, 32, 32)`` tensor in [0, 1] (standardised if asked), its label."""
+        x, label = self._record(index)
+        return _standardise(x, self.mean, self.std), label
 
 
 def _mixed_seed(seed: int, epoch: int, index: int) -> int:
@@ -171,11 +175,7 @@ class AugmentedCIFAR10(CIFAR10):
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         """Image ``index`` cropped and maybe flipped (before standardisation), and its label."""
-        if not 0 <= index < len(self):
-            raise IndexError(index)
-        which = int(np.searchsorted(self.offsets, index, side="right")) - 1
-        record = np.array(self.maps[which][index - self.offsets[which]])
-        x = torch.from_numpy(record[1:]).float().div_(255.0).view(3, 32, 32)
+        x, label = self._record(index)
         gen = torch.Generator().manual_seed(_mixed_seed(self.seed, self.epoch, index))
         side = 2 * self.padding + 1
         dy, dx = torch.randint(side, (2,), generator=gen).tolist()
@@ -184,7 +184,7 @@ class AugmentedCIFAR10(CIFAR10):
             x = torch.nn.functional.pad(x, (self.padding,) * 4)[:, dy : dy + 32, dx : dx + 32]
         if flip:
             x = x.flip(-1)
-        return _standardise(x, self.mean, self.std), torch.tensor(int(record[0]))
+        return _standardise(x, self.mean, self.std), label
 
 
 def cifar10(
