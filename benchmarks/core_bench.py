@@ -28,12 +28,8 @@ Writes ``core_bench.json`` (settings, machine, every grid run, curves of the pic
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import os
-import platform
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -41,6 +37,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import machine
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -450,35 +447,8 @@ def time_interleaved(case: Case, specs: dict[str, Spec], settings: Settings) -> 
 
 
 def machine_info(settings: Settings) -> dict[str, Any]:
-    """CPU model, cores, versions, date and the git commit the library was at."""
-    model = platform.processor() or "unknown"
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(
-                ["git", *args], capture_output=True, text=True, check=True, cwd=ROOT
-            ).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return "unknown"
-
-    return {
-        "cpu_model": model,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": settings.threads,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "git_commit": git("rev-parse", "--short", "HEAD"),
-        "ngd_dist_modified": bool(git("status", "--porcelain", "--", "ngd_dist")),
-    }
+    """CPU model, cores, versions, date and the git commit the library was at (benchmarks/machine.py)."""
+    return machine.machine_info(settings.threads)
 
 
 def cpu_pressure() -> float | None:

@@ -17,7 +17,8 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _git(*args: str) -> str:
+def git(*args: str) -> str:
+    """``git ARGS`` in the checkout, stripped; "unknown" where git fails."""
     try:
         return subprocess.run(
             ["git", *args], capture_output=True, text=True, check=True, cwd=ROOT
@@ -56,7 +57,7 @@ def machine_info(threads: int) -> dict[str, Any]:
         "python": platform.python_version(),
         "platform": platform.platform(),
         "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "git_commit": _git("rev-parse", "--short", "HEAD"),
-        "ngd_dist_modified": bool(_git("status", "--porcelain", "--", "ngd_dist")),
+        "git_commit": git("rev-parse", "--short", "HEAD"),
+        "ngd_dist_modified": bool(git("status", "--porcelain", "--", "ngd_dist")),
         "load1_at_start": load1(),
     }

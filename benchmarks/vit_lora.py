@@ -37,13 +37,10 @@ The Markdown tables are printed at the end.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -58,6 +55,8 @@ from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from machine import machine_info  # noqa: E402
 
 from ngd_dist import KFACConfig, KFACPreconditioner, exact_ief_direction, per_sample_gradients  # noqa: E402
 from ngd_dist.kfac.config import Curvature  # noqa: E402
@@ -505,39 +504,13 @@ def _mean(values: Sequence[float | None]) -> float | None:
 
 
 def machine(settings: Settings) -> dict[str, Any]:
-    """CPU model, cores, load, versions, date and commit."""
-    model = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-
-    def git(*args: str) -> str:
-        try:
-            return subprocess.run(
-                ["git", *args], capture_output=True, text=True, check=True, cwd=ROOT
-            ).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return "unknown"
-
+    """CPU model, cores, load, versions, date and commit (benchmarks/machine.py), and the HF versions."""
     import peft
     import transformers
 
-    return {
-        "cpu_model": model,
-        "nproc": os.cpu_count(),
-        "torch_threads": settings.threads,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "python": platform.python_version(),
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "git_commit": git("rev-parse", "--short", "HEAD"),
-        "ngd_dist_modified": bool(git("status", "--porcelain", "--", "ngd_dist")),
-    }
+    info = machine_info(settings.threads)
+    versions = {"transformers": transformers.__version__, "peft": peft.__version__}
+    return {**info, "nproc": info["cpu_count"], **versions}
 
 
 def load() -> dict[str, Any]:
