@@ -478,20 +478,25 @@ def test_mc_matches_exact_fisher_in_expectation(kind: str) -> None:
         assert rel_err(ef[name][1], fisher[name][1]) > 3 * tol, name
 
 
+def _mc_every_step() -> KFACConfig:
+    """Sampled-Fisher statistics of every step, each one on its own (no running average)."""
+    return KFACConfig(
+        curvature="mc",
+        factor_decay=0.0,
+        kl_clip=None,
+        output_module="head",
+        factor_dtype="float64",
+        factor_every=1,
+        inverse_every=1,
+    )
+
+
 def test_mc_average_over_steps_converges_and_draws_change() -> None:
     case = make_case("linear")
     fisher = reference(case, "mc")
     pc = KFACPreconditioner(
         case.model,
-        KFACConfig(
-            curvature="mc",
-            factor_decay=0.0,
-            kl_clip=None,
-            output_module="head",
-            factor_dtype="float64",
-            factor_every=1,
-            inverse_every=1,
-        ),
+        _mc_every_step(),
     )
     sums = {name: torch.zeros_like(fisher[name][1]) for name in case.names}
     previous = None
@@ -528,15 +533,7 @@ def test_mc_single_sample_is_one_label_outer_product(kind: str) -> None:
         per_class.append(reference(labelled, "ef"))
     pc = KFACPreconditioner(
         case.model,
-        KFACConfig(
-            curvature="mc",
-            factor_decay=0.0,
-            kl_clip=None,
-            output_module="head",
-            factor_dtype="float64",
-            factor_every=1,
-            inverse_every=1,
-        ),
+        _mc_every_step(),
     )
     drawn = set()
     for _ in range(12):
