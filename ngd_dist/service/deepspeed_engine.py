@@ -28,9 +28,16 @@ gradients and DeepSpeed sees nothing of that step); the preconditioner's ``step(
 
 DeepSpeed therefore sees one backward per optimizer step: its ``gradient_accumulation_steps`` is
 1 (it would otherwise divide the surrogate by the accumulation count and step only every that many
-calls) and its micro-batch is ``batch.per_rank x batch.accumulation``. The cost over plain K-FAC is
-the surrogate backward (one multiply per parameter) and DeepSpeed's own all-reduce of the already
-averaged gradients.
+calls) and its micro-batch is ``batch.per_rank x batch.accumulation``. The gradients cross the
+network once per step at ZeRO stage 0: the preconditioner's average is the only one, and the
+surrogate backward runs under ``engine.no_sync()`` (its values are already the same on every
+rank), so the cost over plain K-FAC is the surrogate backward (one multiply per parameter). Under
+ZeRO-1 DeepSpeed reduces the already averaged gradients once more, into each rank's partition of
+the optimizer: that is how its optimizer receives them. (Preconditioning the local gradients and
+letting DeepSpeed average them instead would be exact for the update, which is linear in the
+gradient, but not for the KL clip, which needs ``<P g, g>`` of the *averaged* gradient ``g``, and
+under ZeRO-1 no rank holds all of the averaged update to compute it from.) Without the
+preconditioner (``preconditioner.enabled: false``) DeepSpeed's all-reduce is the only one.
 
 What is supported, and why the rest is not:
 
@@ -255,12 +262,18 @@ class DeepSpeedEngine:
             p.grad = None if s is None else s.div_(chunks).to(p.dtype)
         return total / chunks
 
-    def hand_over(self, *, clock: PhaseClock | None = None) -> None:
+    def hand_over(self, *, clock: PhaseClock | None = None, averaged: bool = False) -> None:
         """Part 3: hand ``.grad`` (preconditioned, or as :meth:`backward` left it) to DeepSpeed, which
-        averages and applies it; ``.grad`` is cleared.
+        applies it; ``.grad`` is cleared.
 
-        ``clock`` gets DeepSpeed's averaging of the surrogate backward (``gradient_communication``)
-        and its optimizer step.
+        ``averaged``: ``.grad`` is already the same on every rank (the preconditioner averaged the
+        gradients before preconditioning them). Then, at ZeRO stage 0, DeepSpeed's own all-reduce is
+        skipped (the surrogate backward runs under ``engine.no_sync()``): the gradients cross the
+        network once per step. ZeRO-1 reduces them again, into each rank's partition, which is how
+        its optimizer receives them. Without ``averaged`` DeepSpeed averages them.
+
+        ``clock`` gets the surrogate backward with DeepSpeed's averaging, if any
+        (``gradient_communication``), and its optimizer step.
         """
         clock = clock if clock is not None else PhaseClock()
         updates = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
@@ -269,9 +282,18 @@ class DeepSpeedEngine:
             [((p - p.detach()) * u.detach()).sum().float() for p, u in zip(self.params, updates, strict=True)]
         ).sum()
         with clock("gradient_communication"):
-            self.engine.backward(surrogate)
+            if averaged and self.reduces_once:
+                with self.engine.no_sync():
+                    self.engine.backward(surrogate)
+            else:
+                self.engine.backward(surrogate)
         with clock("optimizer"):
             self.engine.step()
+
+    @property
+    def reduces_once(self) -> bool:
+        """Whether :meth:`hand_over` of averaged gradients skips DeepSpeed's all-reduce (ZeRO stage 0)."""
+        return self.job.deepspeed.zero_stage == 0
 
     def discard(self) -> None:
         """Forget :meth:`backward`'s gradients: the step is skipped, DeepSpeed sees nothing of it."""

@@ -395,7 +395,8 @@ class Worker:
             p.scaler.update()  # after unscale_: an overflow lowers the loss scale (no-op when disabled)
             return outcome
         if p.engine is not None:
-            p.engine.hand_over(clock=p.clock)
+            # the preconditioner averaged the gradients: DeepSpeed need not again (ZeRO stage 0)
+            p.engine.hand_over(clock=p.clock, averaged=p.precond is not None)
         else:
             with p.clock("optimizer"):
                 p.scaler.step(p.optimizer)

@@ -199,3 +199,66 @@ def test_zero1_resume_ends_where_the_uninterrupted_run_does(
     assert other.returncode == 2
     assert "checkpoint.resume" in other.stderr
     assert "Traceback" not in other.stderr
+
+
+def _one_step(rank: int, world: int, stage: int, bf16: bool, averaged: bool, port: int, ext: str) -> tuple:
+    """One K-FAC step through :class:`DeepSpeedEngine` on this rank: (elements all-reduced while DeepSpeed
+    took the update, the updated parameters)."""
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port), TORCH_EXTENSIONS_DIR=ext,
+    )  # fmt: skip
+    import torch.distributed as dist
+
+    from ngd_dist import KFACConfig, KFACPreconditioner
+    from ngd_dist.service.deepspeed_engine import DeepSpeedEngine
+    from ngd_dist.service.jobs import load_job
+
+    overrides = [f"deepspeed.zero_stage={stage}", "batch.per_rank=8"]
+    if bf16:
+        overrides += ["precision.dtype=bfloat16", "deepspeed.bf16=true"]
+    job = load_job(QUICK, overrides)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    engine = DeepSpeedEngine(job, model, torch.optim.SGD(model.parameters(), lr=0.1))
+    precond = KFACPreconditioner(
+        engine.module, KFACConfig(factor_every=1, inverse_every=1, output_module="2"), optimizer=engine.learning_rates
+    )
+    gen = torch.Generator().manual_seed(rank)
+    x, y = torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+    engine.backward(x, y, torch.nn.functional.cross_entropy)
+    assert precond.step()
+    reduced = 0
+    plain_all_reduce = dist.all_reduce
+
+    def counting(tensor: torch.Tensor, *args: object, **kwargs: object) -> object:
+        nonlocal reduced
+        reduced += tensor.numel()
+        return plain_all_reduce(tensor, *args, **kwargs)
+
+    dist.all_reduce = counting
+    try:
+        engine.hand_over(averaged=averaged)
+    finally:
+        dist.all_reduce = plain_all_reduce
+    # plain lists: tensors would travel back through shared memory the exiting rank takes with it
+    return reduced, {n: p.detach().float().tolist() for n, p in engine.module.named_parameters()}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
+def test_zero0_reduces_the_preconditioned_gradients_once(bf16: bool, extensions_dir: Path) -> None:
+    """At ZeRO stage 0 the preconditioner's average is the only all-reduce of the gradients: DeepSpeed takes
+    the averaged update without reducing it again, and the step is the one it took when it did."""
+    from ngd_dist.testing.distributed import run_ranks
+
+    runs = {
+        averaged: run_ranks(_one_step, 2, 0, bf16, averaged, free_port(), str(extensions_dir), timeout=180)
+        for averaged in (False, True)
+    }
+    assert runs[False][0][0] > 0  # DeepSpeed's own all-reduce, when it is not told the values agree
+    assert [reduced for reduced, _ in runs[True]] == [0, 0]
+    params = {key: [{n: torch.tensor(v) for n, v in p.items()} for _, p in ranks] for key, ranks in runs.items()}
+    for rank in (0, 1):
+        assert_same_params(params[True][rank], params[False][rank], f"rank {rank}")
+    assert_same_params(params[True][1], params[True][0], "rank 1 vs rank 0")
