@@ -22,17 +22,18 @@ def finite_flag(tensors: Sequence[Tensor]) -> Tensor:
     could overflow) and complex ones go through ``torch.isfinite``. Integer tensors are always
     finite. True for an empty sequence.
     """
-    flags = []
+    sums, exact = [], []
     for t in tensors:
         if t.is_complex() or t.dtype == torch.float64:
-            flags.append(torch.isfinite(t).all())
+            exact.append(torch.isfinite(t).all())
         elif t.is_floating_point():
-            flags.append(torch.isfinite(t.sum(dtype=torch.float64)))
-    if not flags:
+            sums.append(t.sum(dtype=torch.float64))
+    if sums:  # each sum is below 3.5e38 x its count in size: their sum is finite unless one is not
+        exact.append(torch.isfinite(sums[0] if len(sums) == 1 else torch.stack(sums).sum()))
+    if not exact:
         device = tensors[0].device if tensors else None
         return torch.ones((), dtype=torch.bool, device=device)
-    return flags[0] if len(flags) == 1 else torch.stack(flags).all()
-
+    return exact[0] if len(exact) == 1 else torch.stack(exact).all()
 
 def all_finite(tensors: Sequence[Tensor]) -> bool:
     """Whether every value of ``tensors`` is finite (:func:`finite_flag`, read on the host)."""
