@@ -811,3 +811,19 @@ def test_fold_counts_travel_with_the_checkpoint() -> None:
     run(precond, model, 3)
     run(fresh, other, 3)
     assert torch.equal(precond.layers[0].factors["a"].running, fresh.layers[0].factors["a"].running)
+
+
+@pytest.mark.parametrize("padding", ["same", "valid", (1, 2), 2])
+@pytest.mark.parametrize(("kernel", "dilation"), [((2, 3), (1, 2)), ((4, 1), (3, 1)), ((3, 3), (1, 1))])
+def test_conv_pads_is_the_padding_the_convolution_applies(
+    padding: object, kernel: tuple[int, int], dilation: tuple[int, int]
+) -> None:
+    """The statistics pad the input as nn.Conv2d does: padding by conv_pads, then no padding, is the same convolution."""
+    from ngd_dist.kfac.curvature.modules import conv_pads
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, kernel, dilation=dilation, padding=padding)
+    x = torch.randn(2, 2, 13, 8)
+    padded = F.pad(x, conv_pads(conv))
+    again = F.conv2d(padded, conv.weight, conv.bias, dilation=dilation)
+    torch.testing.assert_close(again, conv(x))

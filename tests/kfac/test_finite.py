@@ -18,7 +18,9 @@ def test_agrees_with_isfinite(dtype: torch.dtype, bad: float | None) -> None:
         tensors[1][123] = bad
     want = all(bool(torch.isfinite(t).all()) for t in tensors)
     assert all_finite(tensors) is want
-    assert finite_flag(tensors).dtype == torch.bool and finite_flag(tensors).dim() == 0
+    flag = finite_flag(tensors)
+    assert flag.dtype == torch.bool
+    assert flag.dim() == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=str)

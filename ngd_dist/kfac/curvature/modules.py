@@ -410,7 +410,7 @@ class Conv2dMath(_WeightBiasMath):
         if x.dim() == 3:  # unbatched input
             x = x.unsqueeze(0)
         (kh, kw), (sh, sw), (dh, dw) = module.kernel_size, module.stride, module.dilation
-        pads = module._reversed_padding_repeated_twice  # left, right, top, bottom ("same": asymmetric)
+        pads = conv_pads(module)
         batch, channels, height, width = x.shape
         hp, wp = height + pads[2] + pads[3], width + pads[0] + pads[1]
         ho, wo = (hp - dh * (kh - 1) - 1) // sh + 1, (wp - dw * (kw - 1) - 1) // sw + 1
@@ -502,6 +502,26 @@ class EmbeddingMath(ModuleMath):
         """Sparse gradients are not preconditioned."""
         assert isinstance(module, nn.Embedding)
         return "sparse=True (sparse gradients are not preconditioned)" if module.sparse else None
+
+
+def conv_pads(module: nn.Conv2d) -> tuple[int, int, int, int]:
+    """The zero padding ``module`` adds to its input, as ``F.pad`` takes it: (left, right, top, bottom).
+
+    ``padding="same"`` pads ``dilation x (kernel - 1)`` in all along a side, the extra one (when it
+    is odd) on the right or bottom, as ``nn.Conv2d`` does; ``"valid"`` pads nothing.
+    """
+    if module.padding == "valid":
+        return (0, 0, 0, 0)
+    if module.padding == "same":
+        sides = []
+        for d, k in zip(reversed(module.dilation), reversed(module.kernel_size), strict=True):
+            total = d * (k - 1)
+            sides += [total // 2, total - total // 2]
+        return (sides[0], sides[1], sides[2], sides[3])
+    padding = module.padding
+    assert not isinstance(padding, str), padding
+    ph, pw = padding
+    return (pw, pw, ph, ph)
 
 
 def _write(param: Tensor, value: Tensor, scale: float = 1.0) -> None:
