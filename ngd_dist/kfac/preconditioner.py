@@ -36,7 +36,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter
-from collections.abc import Hashable
+from collections.abc import Hashable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
@@ -201,6 +201,8 @@ class KFACPreconditioner:
         self.clock = clock if clock is not None else PhaseClock()
         self._rebroadcast = False
         self._reciprocals: dict[str, tuple[Eigen, Eigen, float, Tensor]] = {}
+        self._group_of: dict[int, int] | None = None
+        self._group_count = 0
         self.idle: set[str] = set()
         """Registered layers that gathered no statistics in the first step (warned about once)."""
         self.decomposed: Counter[Key] = Counter()
@@ -715,10 +717,20 @@ class KFACPreconditioner:
         self._reciprocals[name] = (a, g, damping, reciprocal)
         return reciprocal
 
-    def _learning_rates(self) -> dict[int, float]:
+    def _learning_rates(self, layers: Sequence[KFACLayer]) -> list[float]:
+        """The learning rate of each layer's weight, read from its optimizer group now (0 if none).
+
+        Which group holds which weight is looked up once and again only when the optimizer's
+        groups change in number (``add_param_group``); the rates themselves are read every call.
+        """
         if self.optimizer is None:
-            return {}
-        return {id(p): float(group["lr"]) for group in self.optimizer.param_groups for p in group["params"]}
+            return [0.0] * len(layers)
+        groups = self.optimizer.param_groups
+        if self._group_of is None or self._group_count != len(groups):
+            self._group_of = {id(p): i for i, group in enumerate(groups) for p in group["params"]}
+            self._group_count = len(groups)
+        found = [self._group_of.get(id(la.math.params(la.module)[0])) for la in layers]
+        return [0.0 if i is None else float(groups[i]["lr"]) for i in found]
 
     def _precondition(self, step: int) -> None:
         """Precondition this rank's layers, share the results along its row, clip, write ``.grad``.
@@ -773,8 +785,7 @@ class KFACPreconditioner:
         self._grad_norm_sq = torch.stack(norms).square().sum()
         scale = 1.0
         if self.config.kl_clip is not None:
-            lrs = self._learning_rates()
-            lr2 = [lrs.get(id(layer.math.params(layer.module)[0]), 0.0) ** 2 for layer, _, _ in pairs]
+            lr2 = [lr**2 for lr in self._learning_rates([layer for layer, _, _ in pairs])]
             dots = torch.stack([(u * b).sum(dtype=_WIDE.get(b.dtype)).float() for _, b, u in pairs])
             vg_t = dots @ torch.tensor(lr2, dtype=dots.dtype, device=dots.device)
             sq, vg = (float(v) for v in torch.stack([self._grad_norm_sq, vg_t]).tolist())

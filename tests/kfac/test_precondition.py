@@ -201,3 +201,41 @@ def test_an_owner_s_decomposition_is_laid_out_as_a_receiver_s(method: str) -> No
     result, _ = decompose(x @ x.T + torch.eye(7, dtype=torch.float64), method, 0.1, torch.float32)
     assert result is not None
     assert all(t.is_contiguous() for t in result.tensors())
+
+
+def test_kl_clip_reads_each_layers_learning_rate_now() -> None:
+    """Each layer's lr comes from its own group, as it is at the step (a schedule changes it), and a
+    group added later (add_param_group) is found."""
+    torch.manual_seed(2)
+    x, y = torch.randn(12, 2, 6, 6, dtype=torch.float64), torch.randint(0, 4, (12,))
+    torch.manual_seed(3)
+    model = _model()
+    convs = [p for m in model.modules() if isinstance(m, nn.Conv2d) for p in m.parameters()]
+    others = [p for p in model.parameters() if all(p is not q for q in convs)]
+    opt = torch.optim.SGD([{"params": convs, "lr": 0.5}], lr=0.1)
+    pc = KFACPreconditioner(
+        model, KFACConfig(kl_clip=1e-6, factor_every=1, inverse_every=1, output_module="5"), optimizer=opt
+    )
+
+    def clip_scale(lrs: dict[int, float]) -> tuple[float, float]:
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        raw = {id(p): p.grad.clone() for p in model.parameters()}
+        pc.step()
+        scale = pc.stats.kl_scale
+        # the unclipped update is the clipped one / scale: sum lr^2 <u, g> over the layers' parameters
+        vg = sum(
+            lrs.get(id(p), 0.0) ** 2 * (p.grad / scale * raw[id(p)]).sum()
+            for la in pc.layers
+            for p in la.math.params(la.module)
+        )
+        return scale, min(1.0, math.sqrt(1e-6 / float(vg)))
+
+    scale, want = clip_scale({id(p): 0.5 for p in convs})  # the Linear layer's weight is in no group
+    assert scale == pytest.approx(want, rel=1e-6)
+    opt.param_groups[0]["lr"] = 0.05  # a schedule's change, read at the next step
+    scale, want = clip_scale({id(p): 0.05 for p in convs})
+    assert scale == pytest.approx(want, rel=1e-6)
+    opt.add_param_group({"params": others, "lr": 0.2})
+    scale, want = clip_scale({**{id(p): 0.05 for p in convs}, **{id(p): 0.2 for p in others}})
+    assert scale == pytest.approx(want, rel=1e-6)
