@@ -24,12 +24,27 @@ and wall seconds (information only: the machine is shared, the 1-minute load ave
 at the start and end of every run), and for K-FAC the fraction of steps on which the KL clip bound
 (``precond.stats.kl_scale < 1``) and the number of decompositions.
 
+``--batch-sweep`` (``BatchSweep``) asks instead whether the best absolute damping falls as the batch
+grows (K-FAC's factors are per-sample means, so their noise falls like 1/sqrt(batch)). At batch 32,
+128 and 512, seeds 0 and 1, 200 steps, on ``synthetic_images`` with steps x batch samples at each
+batch size (every sample seen once, no reuse; the data of a batch size is generated once and each
+seed cuts it into its own batch order): SGD (lr 0.02, momentum 0.9; its final loss is the target),
+then iEF-K-FAC under SGD (lr 0.05, momentum 0.9) with ``method="inverse"`` at damping 0.01, 0.03,
+0.1 and 0.3, and ``method="eigen"`` at damping 0.1 (``KFACConfig``'s defaults). The same metrics
+per run; tables per batch size of steps to target, × SGD and final loss per seed and their means,
+and the best ``inverse`` damping per batch size by mean × SGD and by mean final loss. If a run at
+the largest batch size takes over ``BatchSweep.slow_s`` (90 s) at the first seed, the other seeds
+are dropped at that batch size only (the tables say so).
+
 Usage::
 
-    .venv/bin/python benchmarks/knob_sweep.py            # full sweep (~15 min on 2 cores)
-    .venv/bin/python benchmarks/knob_sweep.py --quick    # smoke run: 20 steps, 3 variants
+    .venv/bin/python benchmarks/knob_sweep.py                         # full sweep (~15 min on 2 cores)
+    .venv/bin/python benchmarks/knob_sweep.py --quick                 # smoke run: 20 steps, 3 variants
+    .venv/bin/python benchmarks/knob_sweep.py --batch-sweep           # damping x batch (~25 min)
+    .venv/bin/python benchmarks/knob_sweep.py --batch-sweep --quick   # its smoke run: 20 steps
 
-Writes ``knob_sweep.{json,md}`` to benchmarks/results/ (``--quick``: benchmarks/out/knob_sweep/).
+Writes ``knob_sweep.{json,md}`` (``--batch-sweep``: ``damping_batch.{json,md}``) to
+benchmarks/results/ (``--quick``: benchmarks/out/knob_sweep/; ``--out``: that folder).
 """
 
 from __future__ import annotations
@@ -420,17 +435,270 @@ def markdown(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# -- damping across batch sizes (--batch-sweep) ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BatchSweep:
+    """What ``--batch-sweep`` does.
+
+    At each batch size and seed: SGD, ``method="inverse"`` at each damping, and ``"eigen"`` at
+    ``eigen_damping`` (``KFACConfig``'s defaults).
+    """
+
+    steps: int = 200
+    batches: tuple[int, ...] = (32, 128, 512)
+    seeds: tuple[int, ...] = (0, 1)
+    dampings: tuple[float, ...] = (0.01, 0.03, 0.1, 0.3)
+    """Absolute dampings of the ``method="inverse"`` runs."""
+    eigen_damping: float = 0.1
+    """The damping of the ``method="eigen"`` run (``KFACConfig``'s defaults)."""
+    sgd_lr: float = 0.02
+    kfac_lr: float = 0.05
+    momentum: float = 0.9
+    slow_s: float = 90.0
+    """If a run at the largest batch size takes longer than this (wall seconds) at the first seed,
+    the other seeds are dropped at that batch size (to keep the sweep's wall time in bounds)."""
+
+
+QUICK_BATCH_SWEEP = BatchSweep(steps=20, slow_s=1.0)
+"""A smoke run: 20 steps, and a 1 s threshold so that the seed-dropping path is exercised."""
+
+
+def batch_runs(bs: BatchSweep) -> list[tuple[str, dict[str, Any]]]:
+    """The K-FAC runs of every batch size and seed: (name, ``KFACConfig`` changes)."""
+    runs = [(f"inverse, damping {d:g}", {"method": "inverse", "damping": d}) for d in bs.dampings]
+    runs.append((f"eigen, damping {bs.eigen_damping:g}", {"method": "eigen", "damping": bs.eigen_damping}))
+    return runs
+
+
+def batch_sweep(bs: BatchSweep) -> dict[str, Any]:
+    """Every batch size: per seed, SGD (its final loss is the target), then the K-FAC runs.
+
+    The data of a batch size: ``synthetic_images`` with ``steps x batch`` samples (as in the main
+    sweep: every batch is new, no sample is seen twice), generated once and cut into each seed's
+    batch order by :func:`make_batches`.
+    """
+    torch.set_num_threads(1)
+    results: dict[str, Any] = {"settings": asdict(bs), "machine": machine_info(1), "batches": {}}
+    started = time.time()
+    runs = batch_runs(bs)
+    names = [name for name, _ in runs]
+    for batch in bs.batches:
+        settings = Settings(
+            steps=bs.steps,
+            batch=batch,
+            samples=bs.steps * batch,
+            sgd_lr=bs.sgd_lr,
+            kfac_lr=bs.kfac_lr,
+            momentum=bs.momentum,
+        )
+        images, labels = synthetic_images(n=settings.samples, channels=3, size=32, classes=10, seed=0)
+        per_seed: dict[str, Any] = {}
+        dropped: list[int] = []
+        slowest = 0.0
+        for seed in bs.seeds:
+            if per_seed and batch == max(bs.batches) and slowest > bs.slow_s:
+                print(f"batch {batch}: seed {seed} dropped (a run took {slowest:.0f} s)", flush=True)
+                dropped.append(seed)
+                continue
+            print(f"batch {batch}, seed {seed}:", flush=True)
+            batches = make_batches(images, labels, settings, seed)
+            sgd = train(batches, seed, "sgd", bs.sgd_lr, bs.momentum)
+            target = final(sgd["losses"])
+            sgd_steps = steps_to(sgd["losses"], target)
+            rows = {"sgd": {**summarise(sgd, target, sgd_steps), "losses": sgd["losses"]}}
+            _log("sgd", rows["sgd"])
+            for name, kfac in runs:
+                run = train(batches, seed, "sgd", bs.kfac_lr, bs.momentum, kfac)
+                rows[name] = {**summarise(run, target, sgd_steps), "kfac": kfac, "losses": run["losses"]}
+                _log(name, rows[name])
+            slowest = max(r["wall_s"] for r in rows.values())
+            per_seed[str(seed)] = {"target": target, "sgd_steps": sgd_steps, "rows": rows}
+            del batches
+        results["batches"][str(batch)] = {
+            "samples": settings.samples,
+            "seeds": per_seed,
+            "dropped_seeds": dropped,
+            "summary": batch_summary(per_seed, ["sgd", *names]),
+        }
+        del images, labels
+    results["best"] = best_dampings(results, names)
+    results["machine"]["load1_at_end"] = load1()
+    results["seconds"] = time.time() - started
+    return results
+
+
+def batch_summary(per_seed: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """Per run: its per-seed figures and their means (a ratio's mean is over the seeds that reached it)."""
+    out: dict[str, Any] = {}
+    for name in names:
+        rows = [r["rows"][name] for r in per_seed.values()]
+        steps = [r["steps_to_target"] for r in rows]
+        ratios = [r["steps_x_sgd"] for r in rows]
+        reached = [x for x in ratios if x is not None]
+        bound = [r["kl_bound"] for r in rows if r["kl_bound"] is not None]
+        out[name] = {
+            "seeds": list(per_seed),
+            "steps": steps,
+            "ratios": ratios,
+            "finals": [r["final"] for r in rows],
+            "never": sum(s is None for s in steps),
+            "ratio_mean": statistics.fmean(reached) if reached else None,
+            "final_mean": statistics.fmean(r["final"] for r in rows),
+            "loss_at_mean": {
+                str(k): statistics.fmean(r["loss_at"][str(k)] for r in rows)
+                for k in CHECKPOINTS
+                if str(k) in rows[0]["loss_at"]
+            },
+            "step_ms_mean": statistics.fmean(r["step_ms"] for r in rows),
+            "kl_bound_mean": statistics.fmean(bound) if bound else None,
+        }
+    return out
+
+
+def _ratio_key(row: dict[str, Any]) -> tuple[int, float, float]:
+    """Sort key: runs that reached the target at every seed first, then mean ratio, then final loss."""
+    ratio = row["ratio_mean"]
+    return (row["never"], float("inf") if ratio is None else ratio, row["final_mean"])
+
+
+def best_dampings(results: dict[str, Any], names: Sequence[str]) -> dict[str, Any]:
+    """Per batch size: the ``inverse`` run with the lowest mean ratio, the one with the lowest mean loss.
+
+    Also the best K-FAC run of all (``eigen`` included) by each.
+    """
+    dampings = dict(zip(names, [*results["settings"]["dampings"], None], strict=True))
+    out: dict[str, Any] = {}
+    for batch, b in results["batches"].items():
+        summary = b["summary"]
+        inverse = [n for n in names if n.startswith("inverse")]
+        by_ratio = min(inverse, key=lambda n: _ratio_key(summary[n]))
+        by_final = min(inverse, key=lambda n: summary[n]["final_mean"])
+        out[batch] = {
+            "by_ratio": {"run": by_ratio, "damping": dampings[by_ratio], **summary[by_ratio]},
+            "by_final": {"run": by_final, "damping": dampings[by_final], **summary[by_final]},
+            "best_kfac_by_ratio": min(names, key=lambda n: _ratio_key(summary[n])),
+            "best_kfac_by_final": min(names, key=lambda n: summary[n]["final_mean"]),
+        }
+    return out
+
+
+def batch_markdown(results: dict[str, Any]) -> str:
+    """One table per batch size, a damping x batch grid of means, and the best damping by batch."""
+    s, m = results["settings"], results["machine"]
+    changed = "" if not m["ngd_dist_modified"] else " (+ local changes)"
+    runs = [n for n in next(iter(results["batches"].values()))["summary"] if n != "sgd"]
+    lines = [
+        "# K-FAC damping across batch sizes (`benchmarks/knob_sweep.py --batch-sweep`)",
+        "",
+        f"{m['cpu_model']}, {m['cpu_count']} cores, torch {m['torch']} (1 thread), {m['date_utc']}, "
+        f"commit {m['git_commit']}{changed}; load average {m['load1_at_start']:.2f} at start, "
+        f"{m['load1_at_end']:.2f} at end; {results['seconds'] / 60:.1f} min. "
+        f"Command: `{results['command']}`.",
+        "",
+        f"`small_cnn(3, width=32, side=32)`, one process, {s['steps']} steps at each batch size, on "
+        f"`synthetic_images` with steps x batch samples (each seen once, no reuse). Seeds "
+        f"{', '.join(map(str, s['seeds']))} (weight init and batch order). SGD lr {s['sgd_lr']} momentum "
+        f"{s['momentum']}; K-FAC = iEF under SGD lr {s['kfac_lr']} momentum {s['momentum']}, `KFACConfig` "
+        "defaults but `method` and (absolute) `damping`. Target = that seed's SGD final loss (mean of "
+        "the last 10 step losses); steps to target = first step whose trailing 10-step mean is at or "
+        "below it; × SGD = that over SGD's own steps to it. Mean × SGD is over the seeds that reached "
+        'the target ("never" counted apart). ms/step is for information only (shared machine).',
+    ]
+    for batch, b in results["batches"].items():
+        summary = b["summary"]
+        seeds = summary["sgd"]["seeds"]
+        targets = ", ".join(
+            f"seed {k}: {v['target']:.4f} at SGD step {_fmt(v['sgd_steps'], 'd')}"
+            for k, v in b["seeds"].items()
+        )
+        lines += ["", f"## Batch {batch} ({b['samples']:,} samples)", "", f"Targets: {targets}."]
+        if b["dropped_seeds"]:
+            lines += [
+                "",
+                f"Seed(s) {', '.join(map(str, b['dropped_seeds']))} dropped at this batch size: a run "
+                f"at seed {seeds[0]} took over {s['slow_s']:.0f} s, so the means here are of seed "
+                f"{', '.join(seeds)} only.",
+            ]
+        lines += [
+            "",
+            f"| run | steps to target (seed {' / '.join(seeds)}) | × SGD per seed | × SGD mean "
+            "| final loss per seed | final mean | loss@50 mean | loss@100 mean | ms/step | KL clip bound |",
+            "|---|---|---|---:|---|---:|---:|---:|---:|---:|",
+        ]
+        for name in ["sgd", *runs]:
+            r = summary[name]
+            never = f" ({r['never']} never)" if r["never"] else ""
+            bound = r["kl_bound_mean"]
+            at = r["loss_at_mean"]
+            lines.append(
+                f"| {name} | {' / '.join(_fmt(x, 'd') for x in r['steps'])}{never} | "
+                f"{' / '.join(_fmt(x) for x in r['ratios'])} | {_fmt(r['ratio_mean'])} | "
+                f"{' / '.join(f'{x:.4f}' for x in r['finals'])} | {r['final_mean']:.4f} | "
+                f"{_fmt(at.get('50'), '.3f')} | {_fmt(at.get('100'), '.3f')} | {r['step_ms_mean']:.0f} | "
+                f"{'–' if bound is None else f'{100 * bound:.0f}%'} |"
+            )
+    batches = list(results["batches"])
+    lines += [
+        "",
+        "## Mean × SGD steps / mean final loss, by run and batch size",
+        "",
+        "| run | " + " | ".join(f"batch {b}" for b in batches) + " |",
+        "|---|" + "---:|" * len(batches),
+    ]
+    for name in runs:
+        cells = []
+        for b in batches:
+            r = results["batches"][b]["summary"][name]
+            never = f" ({r['never']} never)" if r["never"] else ""
+            cells.append(f"{_fmt(r['ratio_mean'])}{never} / {r['final_mean']:.4f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    eigen = runs[-1]
+    lines += [
+        "",
+        "## Best damping by batch (inverse)",
+        "",
+        "| batch | seeds | best by mean × SGD | its × SGD / final | best by mean final loss "
+        f"| its × SGD / final | {eigen}: × SGD / final |",
+        "|---:|---|---:|---|---:|---|---|",
+    ]
+    for b in batches:
+        best = results["best"][b]
+        e = results["batches"][b]["summary"][eigen]
+        r, f = best["by_ratio"], best["by_final"]
+        lines.append(
+            f"| {b} | {', '.join(r['seeds'])} | {r['damping']:g} | {_fmt(r['ratio_mean'])} / "
+            f"{r['final_mean']:.4f} | {f['damping']:g} | {_fmt(f['ratio_mean'])} / {f['final_mean']:.4f} | "
+            f"{_fmt(e['ratio_mean'])} / {e['final_mean']:.4f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the sweep and write its JSON and table."""
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="a smoke run: 20 steps, 3 variants")
     parser.add_argument("--out", type=Path, default=None, help="output folder")
+    parser.add_argument(
+        "--batch-sweep", action="store_true", help="damping x batch size sweep (damping_batch.{json,md})"
+    )
     args = parser.parse_args(argv)
+    command = " ".join([".venv/bin/python", "benchmarks/knob_sweep.py", *(argv or sys.argv[1:])])
+    if args.batch_sweep:
+        out = args.out or (ROOT / "benchmarks" / ("out/knob_sweep" if args.quick else "results"))
+        out.mkdir(parents=True, exist_ok=True)
+        results = batch_sweep(QUICK_BATCH_SWEEP if args.quick else BatchSweep())
+        results["command"] = command
+        (out / "damping_batch.json").write_text(json.dumps(results, indent=1))
+        (out / "damping_batch.md").write_text(batch_markdown(results))
+        print(batch_markdown(results))
+        return 0
     settings = QUICK if args.quick else Settings()
     out = args.out or (ROOT / "benchmarks" / ("out/knob_sweep" if args.quick else "results"))
     out.mkdir(parents=True, exist_ok=True)
     results = sweep(settings)
-    results["command"] = " ".join([".venv/bin/python", "benchmarks/knob_sweep.py", *(argv or sys.argv[1:])])
+    results["command"] = command
     (out / "knob_sweep.json").write_text(json.dumps(results, indent=1))
     (out / "knob_sweep.md").write_text(markdown(results))
     print(markdown(results))
