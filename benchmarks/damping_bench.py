@@ -166,6 +166,7 @@ def train(run: Run, settings: Settings, images: Tensor, labels: Tensor, order: T
             factor_every=settings.factor_every,
             inverse_every=settings.inverse_every,
             output_module="5",
+            method="eigen",  # the form docs/curvature.md quotes (the library default became inverse)
         )
         precond = KFACPreconditioner(model, config, optimizer=opt)
     run.load_before = load1()

@@ -11,10 +11,11 @@ Methods. SGD (momentum 0.9) and AdamW (weight decay 0) each tuned over a learnin
 K-FAC = SGD with momentum 0.9 under ``KFACPreconditioner`` with ``KFACConfig`` defaults except
 ``curvature`` and ``output_module`` (``10/100`` = factor_every 10, inverse_every 100: the
 defaults), its learning rate picked from a small grid on iEF 10/100. Variants change one thing:
-``adaptive`` = refresh "adaptive"; ``inverse`` = method "inverse" (2 matmuls per layer and step
-instead of 4); ``memory`` = placement "memory" (each layer preconditioned by one rank, which
-broadcasts it every step); ``before`` = the defaults before the early-curvature and step-cost
-work (no refresh warm-up, undebiased factors, every row in the statistics, memory placement).
+``adaptive`` = refresh "adaptive"; ``eigen 0.1`` = method "eigen" at damping 0.1 (the default
+form and damping before ``inverse`` at 0.03: 4 matmuls per layer and step instead of 2);
+``memory`` = placement "memory" (each layer preconditioned by one rank, which broadcasts it every
+step); ``before`` = the defaults before issue #11's work (no refresh warm-up, undebiased factors,
+every row in the statistics, memory placement, eigen at damping 0.1).
 
 Phases, each run in one 2-rank job whose methods are interleaved in blocks of 20 steps (the order
 reversed every block), so a change of the machine's load hits every method alike:
@@ -111,7 +112,7 @@ KFAC_VARIANTS: dict[str, dict[str, Any]] = {
     "ef 10/100": {"curvature": "ef", **TEN_HUNDRED},
     "mc 10/100": {"curvature": "mc", **TEN_HUNDRED},
     "ief adaptive": {"curvature": "ief", **TEN_HUNDRED, "refresh": "adaptive"},
-    "ief 10/100 inverse": {"curvature": "ief", **TEN_HUNDRED, "method": "inverse"},
+    "ief 10/100 eigen 0.1": {"curvature": "ief", **TEN_HUNDRED, "method": "eigen", "damping": 0.1},
     "ief 10/100 memory": {"curvature": "ief", **TEN_HUNDRED, "placement": "memory"},
     "ief 10/100 before": {
         "curvature": "ief",
@@ -120,6 +121,8 @@ KFAC_VARIANTS: dict[str, dict[str, Any]] = {
         "factor_debias": False,
         "statistics_rows": None,
         "placement": "memory",
+        "method": "eigen",
+        "damping": 0.1,
     },
 }
 

@@ -178,15 +178,19 @@ class KFACConfig:
     one extra backward), ``"ief"`` improved empirical Fisher (each sample's contribution weighted by
     1/||dl_n/dz_n||^2, Wu et al. 2024, Eq. 43). ``"mc"`` and ``"ief"`` need the logits marked."""
 
-    damping: float | Callable[[int], float] = 0.1
+    damping: float | Callable[[int], float] = 0.03
     """Tikhonov damping lambda, or a function of the step index returning it. In ngd_dist's
     per-sample units (``G`` is the mean of per-sample output-gradient outer products), which do not
     change with the batch size. kfac-pytorch / KAISA factor mean-loss gradients, ``B^2`` times
     smaller for a Linear layer and smaller still for a convolution, so the same number damps far
-    less here: translate it with the table in docs/curvature.md. The default 0.1 was measured
-    (``benchmarks/damping_bench.py``, a 183k-parameter CNN, batch 32 and 128, lr 0.05, kl_clip 1e-3):
-    final loss 0.61 / 0.18 with iEF against 2.58 / 0.69 at the old default 1e-3 and SGD's 1.67 /
-    0.66; 0.1 and 0.3 were both within 1.3x of the best damping at both batch sizes."""
+    less here: translate it with the table in docs/curvature.md. The default 0.03 (with the default
+    ``method="inverse"``) was measured on a CIFAR-shaped CNN (``benchmarks/knob_sweep.py``, 200
+    steps, lr 0.05, kl_clip 1e-3): at batch 128 over 3 seeds it reached SGD's final loss in 0.62x
+    SGD's steps (eigen at the former default 0.1: 0.77x) and ended lower (0.391 against 0.424);
+    ``--batch-sweep`` found it as good as 0.1 and 0.3 at batch 32 and better than both at 128 and
+    512, where 0.01 was better still. The best damping falls as the batch grows (a small MLP at
+    batch 512, the quickstart, learns best with eigen at 1e-3): with large batches try 0.01 and
+    below."""
 
     damping_scale: DampingScale = DampingScale.ABSOLUTE
     """``"absolute"`` (the default): ``damping`` is added to every layer's ``G (x) A`` as it is (in
@@ -227,9 +231,16 @@ class KFACConfig:
     learnt best: at each batch size's best damping, 1e-2 gave 1.25 / 0.77 and None 2.30 / 2.31
     (chance) against 1e-3's 0.49 / 0.18 (batch 32 / 128)."""
 
-    method: Method = Method.EIGEN
-    """``"eigen"``: eigenbasis form (G + .) x (A + .) damped as a whole, lambda applied at every
-    step; ``"inverse"``: damped inverses of each factor with the pi-split (Martens & Grosse)."""
+    method: Method = Method.INVERSE
+    """``"inverse"`` (the default): damped inverses of each factor with the pi-split of Martens &
+    Grosse, ``(A + pi sqrt(lambda))^-1`` and ``(G + sqrt(lambda)/pi)^-1``, the damping fixed when
+    they are taken; 2 matmuls per layer and step. ``"eigen"``: the eigenbasis form, ``G (x) A +
+    lambda`` damped as a whole and lambda applied at every step (a damping schedule acts between
+    decompositions); 4 matmuls per layer and step. The same damping number damps the two forms
+    differently. Inverse became the default after measuring both at their best dampings
+    (``benchmarks/knob_sweep.py --batch-sweep``: at least as good as eigen at 0.1 at batch 32, 128
+    and 512 on a CNN); eigen learnt better on the quickstart's MLP at 1e-3 (99.4% against 98.3%
+    held out after 200 steps), which therefore sets it."""
 
     factor_dtype: torch.dtype = torch.float32
     """dtype the per-batch factor products are computed in (accumulated in float32 regardless)."""

@@ -20,7 +20,9 @@ from torch import Tensor, nn
 from ngd_dist import KFACConfig, KFACPreconditioner
 from ngd_dist.kfac import LinearMath, register_layer_type, unregister_layer_type
 
-EXACT = {"factor_dtype": "float64", "inverse_dtype": "float64", "factor_decay": 0.0, "kl_clip": None}
+EXACT = {
+    "method": "eigen", "factor_dtype": "float64", "inverse_dtype": "float64", "factor_decay": 0.0, "kl_clip": None
+}
 DAMPING = 1e-2
 IEF_RTOL = 1e-6
 """The iEF weights come from float32 logit-gradient norms, whatever the factor dtype."""
@@ -458,7 +460,7 @@ def _gpt2_loss(ids: Tensor, labels: Tensor, *, explicit_positions: bool = False)
 
 def test_gpt2_every_trainable_module_is_preconditioned_or_listed() -> None:
     model = _gpt2()
-    pc = KFACPreconditioner(model, KFACConfig(kl_clip=None, output_module="lm_head"))
+    pc = KFACPreconditioner(model, KFACConfig(method="eigen", kl_clip=None, output_module="lm_head"))
     kinds = {la.name: la.kind for la in pc.layers}
     assert sum(k == "Conv1D" for k in kinds.values()) == 8  # c_attn, c_proj, c_fc, mlp.c_proj per block
     assert sum(k == "LayerNorm" for k in kinds.values()) == 5
@@ -525,7 +527,7 @@ def test_peft_lora_only_the_adapters_get_factors_and_their_step_is_exact() -> No
 def test_summary_lists_each_layer_shapes_ties_memory_coverage_and_what_is_left_out() -> None:
     model = TinyLM()
     model.extra = nn.Conv3d(1, 1, 1)
-    pc = KFACPreconditioner(model, KFACConfig(kl_clip=None, output_module="lm_head", max_factor_dim=6))
+    pc = KFACPreconditioner(model, KFACConfig(method="eigen", kl_clip=None, output_module="lm_head", max_factor_dim=6))
     text = pc.summary()
     lines = text.splitlines()
     assert lines[0].startswith("K-FAC (ief, eigen): 3 layers preconditioned, ")
@@ -595,7 +597,7 @@ def test_the_damped_reciprocal_is_kept_between_decompositions_and_follows_the_da
     model = nn.Sequential(nn.Linear(6, 4))
     schedule = [1e-2, 1e-2, 1e-1, 1e-1, 1e-1]
     pc = KFACPreconditioner(
-        model, KFACConfig(kl_clip=None, curvature="ef", factor_every=1, inverse_every=4, refresh_warmup=False, damping=lambda step: schedule[step])
+        model, KFACConfig(method="eigen", kl_clip=None, curvature="ef", factor_every=1, inverse_every=4, refresh_warmup=False, damping=lambda step: schedule[step])
     )
     kept = []
     for _ in range(5):

@@ -191,6 +191,7 @@ def _decompose_until_raised(config: KFACConfig, scales: list[float]) -> tuple[KF
 
 
 HUGE_FACTORS = {
+    "method": "eigen",
     "output_module": "2",
     "curvature": "ef",
     "factor_dtype": "float64",

@@ -60,7 +60,9 @@ def test_embedding_gradient_matches_dense_solve_with_diagonal_a() -> None:
     torch.manual_seed(1)
     model = nn.Sequential(nn.Embedding(7, 3), nn.Linear(3, 5)).double()
     tokens, y = torch.randint(0, 6, (4, 5)), torch.randint(0, 5, (4, 5))
-    config = KFACConfig(curvature="ef", damping=0.1, kl_clip=None, factor_dtype="float64", inverse_dtype="float64")
+    config = KFACConfig(
+        curvature="ef", method="eigen", damping=0.1, kl_clip=None, factor_dtype="float64", inverse_dtype="float64"
+    )
     pc = KFACPreconditioner(model, config)
     F.cross_entropy(model(tokens).reshape(-1, 5), y.reshape(-1)).backward()
     raw = pc.layers[0].math.grad_matrix(pc.layers[0].module).clone()

@@ -151,7 +151,7 @@ def test_grad_scaler_scale_does_not_change_ef_factors() -> None:
 
 
 def test_decomposition_retries_in_float64_and_keeps_the_last_good_one(monkeypatch) -> None:
-    model, opt, pc = _setup(factor_every=1, inverse_every=1)
+    model, opt, pc = _setup(method="eigen", factor_every=1, inverse_every=1)
     _train(model, opt, pc, 1)
     good = pc.layers[0].factors["g"].decomposition
     real_eigh = torch.linalg.eigh
@@ -176,6 +176,37 @@ def test_decomposition_retries_in_float64_and_keeps_the_last_good_one(monkeypatc
         raise torch.linalg.LinAlgError("simulated failure to converge")
 
     monkeypatch.setattr(torch.linalg, "eigh", broken_eigh)
+    kept = pc.layers[0].factors["g"].decomposition
+    _train(model, opt, pc, 1, start=2)
+    assert pc.stats.decomposition_failures == 4
+    assert pc.layers[0].factors["g"].decomposition is kept
+
+
+def test_inverse_decompositions_retry_in_float64_and_keep_the_last_good_one(monkeypatch) -> None:
+    """The same for the default method: a Cholesky that fails in float32 is retried in float64; one that
+    fails in both keeps the previous inverse."""
+    model, opt, pc = _setup(method="inverse", factor_every=1, inverse_every=1)
+    _train(model, opt, pc, 1)
+    good = pc.layers[0].factors["g"].decomposition
+    real_cholesky = torch.linalg.cholesky
+
+    def flaky_cholesky(x, *args, **kwargs):
+        if x.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("simulated: not positive-definite")
+        return real_cholesky(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch.linalg, "cholesky", flaky_cholesky)
+    _train(model, opt, pc, 1, start=1)
+    assert pc.stats.decomposition_retries == 4
+    assert pc.stats.decomposition_failures == 0
+    retried = pc.layers[0].factors["g"].decomposition
+    assert retried is not good
+    assert retried.inv.dtype == torch.float32
+
+    def broken_cholesky(x, *args, **kwargs):
+        raise torch.linalg.LinAlgError("simulated: not positive-definite")
+
+    monkeypatch.setattr(torch.linalg, "cholesky", broken_cholesky)
     kept = pc.layers[0].factors["g"].decomposition
     _train(model, opt, pc, 1, start=2)
     assert pc.stats.decomposition_failures == 4
