@@ -116,6 +116,15 @@ class KFACStats:
     """Damping used at the last step."""
 
 
+def _dot(u: Tensor, b: Tensor) -> Tensor:
+    """``<u, b>`` as a float32 scalar: ``torch.dot`` of the flat tensors where both are contiguous
+    float32 or float64 (no product tensor written), else the product summed in float32 or wider.
+    """
+    if u.dtype == b.dtype in (torch.float32, torch.float64) and u.is_contiguous() and b.is_contiguous():
+        return torch.dot(u.reshape(-1), b.reshape(-1)).float()
+    return (u * b).sum(dtype=_WIDE.get(b.dtype)).float()
+
+
 class KFACPreconditioner:
     """K-FAC natural gradients for a model's layers: Linear, Hugging Face Conv1D, Conv2d and Embedding
     (Kronecker-factored), normalisation layers (element-wise), and types registered with
@@ -786,7 +795,7 @@ class KFACPreconditioner:
         scale = 1.0
         if self.config.kl_clip is not None:
             lr2 = [lr**2 for lr in self._learning_rates([layer for layer, _, _ in pairs])]
-            dots = torch.stack([(u * b).sum(dtype=_WIDE.get(b.dtype)).float() for _, b, u in pairs])
+            dots = torch.stack([_dot(u, b) for _, b, u in pairs])
             vg_t = dots @ torch.tensor(lr2, dtype=dots.dtype, device=dots.device)
             sq, vg = (float(v) for v in torch.stack([self._grad_norm_sq, vg_t]).tolist())
             self._grad_norm_sq = sq
