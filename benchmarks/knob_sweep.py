@@ -68,13 +68,12 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from machine import load1, machine_info  # noqa: E402
+from target_bench import WINDOW, steps_to  # noqa: E402
 
 from ngd_dist import KFACConfig, KFACPreconditioner  # noqa: E402
 from ngd_dist.service.data.datasets import synthetic_images  # noqa: E402
 from ngd_dist.service.models import small_cnn  # noqa: E402
 
-WINDOW = 10
-"""Steps averaged for the final loss and the trailing mean of steps-to-target."""
 CHECKPOINTS = (25, 50, 100)
 """Steps at which the trailing WINDOW-step mean loss is reported."""
 OUTPUT_MODULE = "5"
@@ -234,19 +233,6 @@ def train(
 # -- analysis ----------------------------------------------------------------------------------
 
 
-def trailing(losses: Sequence[float]) -> list[float]:
-    """Trailing WINDOW-step means (defined from step WINDOW on)."""
-    return [statistics.fmean(losses[i - WINDOW + 1 : i + 1]) for i in range(WINDOW - 1, len(losses))]
-
-
-def steps_to(losses: Sequence[float], target: float) -> int | None:
-    """The first step count whose trailing mean is at or below ``target`` (None: never)."""
-    for i, value in enumerate(trailing(losses)):
-        if value <= target:
-            return i + WINDOW
-    return None
-
-
 def final(losses: Sequence[float]) -> float:
     """The mean of the last WINDOW losses."""
     return statistics.fmean(losses[-WINDOW:])
@@ -375,17 +361,25 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
     return "–" if value is None else format(value, spec)
 
 
-def markdown(results: dict[str, Any]) -> str:
-    """The sweep's table (sorted by steps to target) and the seed-repeat summary."""
-    s, m, main = results["settings"], results["machine"], results["main"]
+def machine_line(results: dict[str, Any]) -> str:
+    """The results' machine, load, duration and command, as one line of markdown."""
+    m = results["machine"]
     changed = "" if not m["ngd_dist_modified"] else " (+ local changes)"
-    lines = [
-        "# One-change K-FAC sweep (`benchmarks/knob_sweep.py`)",
-        "",
+    return (
         f"{m['cpu_model']}, {m['cpu_count']} cores, torch {m['torch']} (1 thread), {m['date_utc']}, "
         f"commit {m['git_commit']}{changed}; load average {m['load1_at_start']:.2f} at start, "
         f"{m['load1_at_end']:.2f} at end; {results['seconds'] / 60:.1f} min. "
-        f"Command: `{results['command']}`.",
+        f"Command: `{results['command']}`."
+    )
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The sweep's table (sorted by steps to target) and the seed-repeat summary."""
+    s, main = results["settings"], results["main"]
+    lines = [
+        "# One-change K-FAC sweep (`benchmarks/knob_sweep.py`)",
+        "",
+        machine_line(results),
         "",
         f"`small_cnn(3, width=32, side=32)`, one process, batch {s['batch']}, {s['steps']} steps, seed "
         f"{s['seed']}. SGD lr {s['sgd_lr']} momentum {s['momentum']}; K-FAC = iEF, SGD lr {s['kfac_lr']} "
@@ -586,16 +580,12 @@ def best_dampings(results: dict[str, Any], names: Sequence[str]) -> dict[str, An
 
 def batch_markdown(results: dict[str, Any]) -> str:
     """One table per batch size, a damping x batch grid of means, and the best damping by batch."""
-    s, m = results["settings"], results["machine"]
-    changed = "" if not m["ngd_dist_modified"] else " (+ local changes)"
+    s = results["settings"]
     runs = [n for n in next(iter(results["batches"].values()))["summary"] if n != "sgd"]
     lines = [
         "# K-FAC damping across batch sizes (`benchmarks/knob_sweep.py --batch-sweep`)",
         "",
-        f"{m['cpu_model']}, {m['cpu_count']} cores, torch {m['torch']} (1 thread), {m['date_utc']}, "
-        f"commit {m['git_commit']}{changed}; load average {m['load1_at_start']:.2f} at start, "
-        f"{m['load1_at_end']:.2f} at end; {results['seconds'] / 60:.1f} min. "
-        f"Command: `{results['command']}`.",
+        machine_line(results),
         "",
         f"`small_cnn(3, width=32, side=32)`, one process, {s['steps']} steps at each batch size, on "
         f"`synthetic_images` with steps x batch samples (each seen once, no reuse). Seeds "

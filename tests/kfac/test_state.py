@@ -150,63 +150,35 @@ def test_grad_scaler_scale_does_not_change_ef_factors() -> None:
         torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-9)
 
 
-def test_decomposition_retries_in_float64_and_keeps_the_last_good_one(monkeypatch) -> None:
-    model, opt, pc = _setup(method="eigen", factor_every=1, inverse_every=1)
+@pytest.mark.parametrize(("method", "routine"), [("eigen", "eigh"), ("inverse", "cholesky")])
+def test_decomposition_retries_in_float64_and_keeps_the_last_good_one(monkeypatch, method, routine) -> None:
+    """A decomposition that fails in float32 is retried in float64 (and cast back); one that fails in
+    both keeps the previous decomposition."""
+    model, opt, pc = _setup(method=method, factor_every=1, inverse_every=1)
     _train(model, opt, pc, 1)
     good = pc.layers[0].factors["g"].decomposition
-    real_eigh = torch.linalg.eigh
+    real = getattr(torch.linalg, routine)
     calls = {"float32": 0, "float64": 0}
 
-    def flaky_eigh(x, *args, **kwargs):
+    def flaky(x, *args, **kwargs):
         calls[str(x.dtype).removeprefix("torch.")] += 1
         if x.dtype == torch.float32:
-            raise torch.linalg.LinAlgError("simulated failure to converge")
-        return real_eigh(x, *args, **kwargs)
+            raise torch.linalg.LinAlgError("simulated failure")
+        return real(x, *args, **kwargs)
 
-    monkeypatch.setattr(torch.linalg, "eigh", flaky_eigh)
+    monkeypatch.setattr(torch.linalg, routine, flaky)
     _train(model, opt, pc, 1, start=1)
     assert pc.stats.decomposition_retries == 4
     assert pc.stats.decomposition_failures == 0
     assert calls["float64"] == 4
     retried = pc.layers[0].factors["g"].decomposition
     assert retried is not good
-    assert retried.q.dtype == torch.float32
+    assert all(t.dtype == torch.float32 for t in retried.tensors())
 
-    def broken_eigh(x, *args, **kwargs):
-        raise torch.linalg.LinAlgError("simulated failure to converge")
+    def broken(x, *args, **kwargs):
+        raise torch.linalg.LinAlgError("simulated failure")
 
-    monkeypatch.setattr(torch.linalg, "eigh", broken_eigh)
-    kept = pc.layers[0].factors["g"].decomposition
-    _train(model, opt, pc, 1, start=2)
-    assert pc.stats.decomposition_failures == 4
-    assert pc.layers[0].factors["g"].decomposition is kept
-
-
-def test_inverse_decompositions_retry_in_float64_and_keep_the_last_good_one(monkeypatch) -> None:
-    """The same for the default method: a Cholesky that fails in float32 is retried in float64; one that
-    fails in both keeps the previous inverse."""
-    model, opt, pc = _setup(method="inverse", factor_every=1, inverse_every=1)
-    _train(model, opt, pc, 1)
-    good = pc.layers[0].factors["g"].decomposition
-    real_cholesky = torch.linalg.cholesky
-
-    def flaky_cholesky(x, *args, **kwargs):
-        if x.dtype == torch.float32:
-            raise torch.linalg.LinAlgError("simulated: not positive-definite")
-        return real_cholesky(x, *args, **kwargs)
-
-    monkeypatch.setattr(torch.linalg, "cholesky", flaky_cholesky)
-    _train(model, opt, pc, 1, start=1)
-    assert pc.stats.decomposition_retries == 4
-    assert pc.stats.decomposition_failures == 0
-    retried = pc.layers[0].factors["g"].decomposition
-    assert retried is not good
-    assert retried.inv.dtype == torch.float32
-
-    def broken_cholesky(x, *args, **kwargs):
-        raise torch.linalg.LinAlgError("simulated: not positive-definite")
-
-    monkeypatch.setattr(torch.linalg, "cholesky", broken_cholesky)
+    monkeypatch.setattr(torch.linalg, routine, broken)
     kept = pc.layers[0].factors["g"].decomposition
     _train(model, opt, pc, 1, start=2)
     assert pc.stats.decomposition_failures == 4
