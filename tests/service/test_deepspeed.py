@@ -245,20 +245,32 @@ def _one_step(rank: int, world: int, stage: int, bf16: bool, averaged: bool, por
     return reduced, {n: p.detach().float().tolist() for n, p in engine.module.named_parameters()}
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("bf16", [False, True], ids=["float32", "bf16"])
-def test_zero0_reduces_the_preconditioned_gradients_once(bf16: bool, extensions_dir: Path) -> None:
-    """At ZeRO stage 0 the preconditioner's average is the only all-reduce of the gradients: DeepSpeed takes
-    the averaged update without reducing it again, and the step is the one it took when it did."""
-    from ngd_dist.testing.distributed import run_ranks
-
-    runs = {
-        averaged: run_ranks(_one_step, 2, 0, bf16, averaged, free_port(), str(extensions_dir), timeout=180)
+def _steps(rank: int, world: int, port: int, ext: str) -> dict:
+    """:func:`_one_step` for float32 and bf16, each with and without ``averaged``, in one pair of processes."""
+    return {
+        (bf16, averaged): _one_step(rank, world, 0, bf16, averaged, port, ext)
+        for bf16 in (False, True)
         for averaged in (False, True)
     }
-    assert runs[False][0][0] > 0  # DeepSpeed's own all-reduce, when it is not told the values agree
-    assert [reduced for reduced, _ in runs[True]] == [0, 0]
-    params = {key: [{n: torch.tensor(v) for n, v in p.items()} for _, p in ranks] for key, ranks in runs.items()}
-    for rank in (0, 1):
-        assert_same_params(params[True][rank], params[False][rank], f"rank {rank}")
-    assert_same_params(params[True][1], params[True][0], "rank 1 vs rank 0")
+
+
+@pytest.mark.slow
+def test_zero0_reduces_the_preconditioned_gradients_once(extensions_dir: Path) -> None:
+    """At ZeRO stage 0 the preconditioner's average is the only all-reduce of the gradients: DeepSpeed takes
+    the averaged update without reducing it again, and the step is the one it took when it did (float32
+    and bf16)."""
+    from ngd_dist.testing.distributed import run_ranks
+
+    ranks = run_ranks(_steps, 2, free_port(), str(extensions_dir), timeout=240)
+    for bf16 in (False, True):
+        what = "bf16" if bf16 else "float32"
+        twice, once = ([r[(bf16, averaged)] for r in ranks] for averaged in (False, True))
+        assert twice[0][0] > 0, what  # DeepSpeed's own all-reduce, when it is not told the values agree
+        assert [reduced for reduced, _ in once] == [0, 0], what
+        params = {
+            key: [{n: torch.tensor(v) for n, v in p.items()} for _, p in runs]
+            for key, runs in (("twice", twice), ("once", once))
+        }
+        for rank in (0, 1):
+            assert_same_params(params["once"][rank], params["twice"][rank], f"{what} rank {rank}")
+        assert_same_params(params["once"][1], params["once"][0], f"{what} rank 1 vs rank 0")
