@@ -448,7 +448,7 @@ class Worker:
         grads = [q.grad for q in self.parts.base_model.parameters() if q.grad is not None]
         device = self.env.device
         counts = torch.tensor([int(stop), samples, tokens, int(not math.isfinite(loss))], device=device)
-        finite = finite_flag(grads) if grads else torch.tensor(True)
+        finite = finite_flag(grads)
         flags = torch.cat([counts, (~finite).to(device=device, dtype=counts.dtype).reshape(1)])
         if self.env.distributed:
             dist.all_reduce(flags, op=dist.ReduceOp.SUM)
