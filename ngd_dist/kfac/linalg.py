@@ -187,11 +187,21 @@ def _spans(blocks: Sequence[Tensor]) -> list[slice]:
     return spans
 
 
+def _as_dtype(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` in ``like``'s dtype, converted only when it differs (a same-dtype ``.to`` still costs a call)."""
+    return t if t.dtype == like.dtype else t.to(like.dtype)
+
+
+def _as_dtypes_of(out: list[Tensor], blocks: Sequence[Tensor]) -> list[Tensor]:
+    """Each of ``out`` in the dtype of its block."""
+    return [_as_dtype(o, b) for o, b in zip(out, blocks, strict=True)]
+
+
 def _times_rows(blocks: Sequence[Tensor], x: Tensor) -> Tensor:
     """``[B_1 | B_2 | ...] @ x`` as ``sum_k B_k @ x[rows of block k]``: nothing is concatenated."""
     out: Tensor | None = None
     for b, span in zip(blocks, _spans(blocks), strict=True):
-        b = b.to(x.dtype)
+        b = _as_dtype(b, x)
         out = b @ x[span] if out is None else out.addmm_(b, x[span])
     assert out is not None
     return out
@@ -219,7 +229,7 @@ def precondition_blocks(
         if a.q is None:  # diagonal A: its eigenbasis is the identity, every column on its own
             out = []
             for b, span in zip(blocks, spans, strict=True):
-                x = b.to(g.v.dtype)
+                x = _as_dtype(b, g.v)
                 x = (x if gq is None else gq.t() @ x) * r[:, span]
                 out.append(x if gq is None else gq @ x)
         else:
@@ -227,7 +237,7 @@ def precondition_blocks(
             x = (x if gq is None else gq.t() @ x).mul_(r)  # a product: a fresh tensor
             x = (x if gq is None else gq @ x) @ a.q.t()
             out = [x[:, span] for span in spans]
-        return [o.to(b.dtype) for o, b in zip(out, blocks, strict=True)]
+        return _as_dtypes_of(out, blocks)
     if isinstance(a, Inverse) and isinstance(g, Inverse):
         g_inv = g.inv
 
@@ -235,9 +245,9 @@ def precondition_blocks(
             return g_inv.unsqueeze(1) * x if g_inv.dim() == 1 else g_inv @ x
 
         if a.inv.dim() == 1:
-            out = [g_side(b.to(g_inv.dtype) * a.inv[span]) for b, span in zip(blocks, spans, strict=True)]
+            out = [g_side(_as_dtype(b, g_inv) * a.inv[span]) for b, span in zip(blocks, spans, strict=True)]
         else:
             x = g_side(_times_rows(blocks, a.inv))
             out = [x[:, span] for span in spans]
-        return [o.to(b.dtype) for o, b in zip(out, blocks, strict=True)]
+        return _as_dtypes_of(out, blocks)
     raise TypeError("both factors of a layer must be decomposed with the same method")

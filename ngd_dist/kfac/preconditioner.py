@@ -121,7 +121,8 @@ def _dot(u: Tensor, b: Tensor) -> Tensor:
     float32 or float64 (no product tensor written), else the product summed in float32 or wider.
     """
     if u.dtype == b.dtype in (torch.float32, torch.float64) and u.is_contiguous() and b.is_contiguous():
-        return torch.dot(u.reshape(-1), b.reshape(-1)).float()
+        dot = torch.dot(u.view(-1), b.view(-1))
+        return dot if dot.dtype == torch.float32 else dot.float()
     return (u * b).sum(dtype=_WIDE.get(b.dtype)).float()
 
 
@@ -790,8 +791,7 @@ class KFACPreconditioner:
             for layer in present
             for b, u in zip(grads[layer.name] or [], updates[layer.name], strict=True)
         ]
-        norms = [torch.linalg.vector_norm(b, dtype=_WIDE.get(b.dtype)).float() for _, b, _ in pairs]
-        self._grad_norm_sq = torch.stack(norms).square().sum()
+        self._grad_norm_sq = torch.stack([_dot(b, b) for _, b, _ in pairs]).sum()
         scale = 1.0
         if self.config.kl_clip is not None:
             lr2 = [lr**2 for lr in self._learning_rates([layer for layer, _, _ in pairs])]

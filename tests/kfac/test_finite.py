@@ -27,7 +27,9 @@ def test_agrees_with_isfinite(dtype: torch.dtype, bad: float | None) -> None:
 def test_the_largest_finite_values_do_not_overflow_into_a_false_alarm(dtype: torch.dtype) -> None:
     big = torch.full((100_000,), torch.finfo(dtype).max, dtype=dtype)
     assert not bool(torch.isfinite(big.sum()))  # a plain sum overflows
-    assert all_finite([big, -big])
+    assert all_finite([big, -big])  # all_finite's float32 sums overflow too: decided exactly then
+    assert bool(finite_flag([big, -big]))
+    assert not all_finite([big, torch.tensor([float("nan")], dtype=dtype)])
 
 
 def test_float64_near_its_limit_and_mixed_inputs() -> None:
