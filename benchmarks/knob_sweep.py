@@ -158,6 +158,8 @@ def variants(steps: int) -> list[Variant]:
         Variant("inverse_every 20", {"inverse_every": 20}, extra=True),
         Variant("kl_clip 1e-2", {"kl_clip": 1e-2}, extra=True),
         Variant("damping 0.01", {"damping": 0.01}, extra=True),
+        Variant("statistics_rows 2048", {"statistics_rows": 2048}, extra=True),
+        Variant("statistics_rows 1024", {"statistics_rows": 1024}, extra=True),
     ]
 
 
