@@ -339,20 +339,23 @@ class KFACConfig:
     transport: Transport = Transport.TORCH
     """Collectives over torch.distributed (gloo / NCCL) or over mpi4py (CPU buffers)."""
 
-    statistics_rows: int | None = 4096
+    statistics_rows: int | None = 1024
     """At most this many rows (samples x positions: a conv layer has batch x H_out x W_out) per
     layer and pass build its A and G statistics on a capture step, drawn uniformly without
     replacement (reproducibly: seeded by ``seed``, the step, the layer and the factor) and scaled
     by rows / drawn, so each factor stays an unbiased estimate; None uses every row.
     Applies to the A of Linear, Conv1D and Conv2d layers and the G of every Kronecker-factored layer
     (embeddings' token counts and normalisation layers are always exact); with gradient accumulation
-    each pass draws its own rows. The Gram products cost in proportion to the rows. Measured
-    (``benchmarks/step_cost.py --effect``: ``small_cnn(3, width=32, side=32)``, batch 64, whose
-    convolutions have 65,536 and 16,384 rows; iEF, lr 0.05, factors every 10 steps): 4096 rows cut
-    the statistics of a capture step from 43 to 18 ms on one CPU thread, each step's factors then
-    being 4% (A) and 10% (G) off the full ones; over 200 steps the final loss was 0.140 against 0.136
-    with every row (0.126 at 1024 rows, 0.123 at 256; SGD 0.98), and every run reached SGD's final
-    loss at step 26 (one seed: no effect on learning measurable there)."""
+    each pass draws its own rows. The Gram products cost in proportion to the rows. Measured on
+    ``small_cnn(3, width=32, side=32)``, whose convolutions have 65,536 and 16,384 rows at batch 64:
+    ``benchmarks/step_cost.py --rows 1024`` (one CPU thread, batch 64): a capture step's statistics
+    21.8 ms at 4096 rows, 13.3 ms at 1024 (43 ms with every row), the mean step 1.18x -> 1.13x SGD's
+    at factors every 10 steps; ``benchmarks/knob_sweep.py --variants "statistics_rows 4096"``
+    (batch 128, 200 steps, 3 seeds): SGD's final loss reached at steps 99 / 103 / 129 with 1024
+    rows and with 4096, final losses 0.394 and 0.392; ``step_cost.py --effect`` (one seed): final loss 0.126 at 1024 rows, 0.140 at 4096, 0.136
+    with every row. 1024 became the default on those figures (it was 4096). Models whose per-rank
+    rows per layer are few (an MLP at batch <= 1024, a language model's tokens up to 1024 per rank)
+    are unaffected: a layer with no more rows than this uses them all, exactly."""
 
     def __post_init__(self) -> None:
         """Check every field; normalise dtypes and tuples."""

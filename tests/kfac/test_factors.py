@@ -662,14 +662,18 @@ def test_row_sample_is_an_unbiased_estimate(kind: str) -> None:
     assert_unbiased([stat(RowSample(limit, gen)) for _ in range(draws)], full.double())
 
 
-def test_conv_row_sample_gathers_the_drawn_patches() -> None:
-    """A draw's statistic is exactly (rows / drawn) sum over the drawn hand-sliced patches."""
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_conv_row_sample_gathers_the_drawn_patches(channels_last: bool) -> None:
+    """A draw's statistic is exactly (rows / drawn) sum over the drawn hand-sliced patches, padding
+    entries zero, whatever the input's memory layout."""
     from ngd_dist.kfac.curvature.modules import Conv2dMath, RowSample
 
     torch.manual_seed(0)
     conv = nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1)).double()
     x = torch.randn(3, 2, 7, 6, dtype=torch.float64)
     rows = _a_rows(conv, x)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
     keep = RowSample(9, torch.Generator().manual_seed(5)).draw(rows.shape[0], x.device)
     assert keep is not None
     sample = RowSample(9, torch.Generator().manual_seed(5))  # the same draw
@@ -682,7 +686,7 @@ def test_conv_row_sample_gathers_the_drawn_patches() -> None:
 def test_statistics_rows_must_be_a_positive_integer_or_none(value: object) -> None:
     with pytest.raises(ValueError, match=r"^KFACConfig\.statistics_rows: got .*; expected an integer >= 1"):
         KFACConfig(statistics_rows=value)  # type: ignore[arg-type]
-    assert KFACConfig().statistics_rows == 4096
+    assert KFACConfig().statistics_rows == 1024
     assert KFACConfig(statistics_rows=None).statistics_rows is None
 
 

@@ -381,6 +381,41 @@ class TransposedLinearMath(LinearMath):
         return matrix.t()
 
 
+def _conv_patches(
+    x: Tensor,
+    keep: Tensor,
+    out_size: tuple[int, int],
+    kernel: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    pads: tuple[int, ...],
+) -> tuple[Tensor, Tensor]:
+    """The patches of the output positions ``keep`` (indices into ``B x H_out x W_out``) of a
+    convolution over ``x`` ``(B, C, H, W)``, as rows ``(len(keep), kh * kw * C)`` and the order of
+    their entries in the weight's ``(C, kh, kw)`` order (entry ``t`` is the weight's ``order[t]``).
+
+    Read from a channels-last view of ``x`` (a copy unless ``x`` is channels-last already), whole
+    channel vectors at a time, without padding it: the window entries that fall in the zero padding
+    (``pads`` as ``F.pad`` takes them: left, right, top, bottom) are masked to zero.
+    """
+    (ho, wo), (kh, kw), (sh, sw), (dh, dw) = out_size, kernel, stride, dilation
+    batch, channels, height, width = x.shape
+    arange = partial(torch.arange, device=x.device)
+    sample_index, position = keep // (ho * wo), keep % (ho * wo)
+    ys = (position // wo * sh - pads[2])[:, None] + arange(kh) * dh  # (drawn, kh) input rows
+    xs = (position % wo * sw - pads[0])[:, None] + arange(kw) * dw  # (drawn, kw) input columns
+    pixel = (sample_index[:, None, None] * height + ys.clamp(0, height - 1)[:, :, None]) * width + xs.clamp(
+        0, width - 1
+    )[:, None, :]  # (drawn, kh, kw)
+    pixels = x.permute(0, 2, 3, 1).reshape(batch * height * width, channels)
+    picked = pixels.index_select(0, pixel.reshape(-1)).view(len(keep), kh, kw, channels)
+    if any(pads):
+        inside = ((ys >= 0) & (ys < height))[:, :, None] & ((xs >= 0) & (xs < width))[:, None, :]
+        picked = picked * inside[..., None]
+    order = arange(channels * kh * kw).view(kh, kw, channels).permute(2, 0, 1).reshape(-1)
+    return picked.view(len(keep), -1), order
+
+
 class Conv2dMath(_WeightBiasMath):
     """``nn.Conv2d`` with ``groups == 1``: rows are (sample, output position) pairs."""
 
@@ -402,8 +437,9 @@ class Conv2dMath(_WeightBiasMath):
 
         All of them: ``(C_in * kh * kw, B * positions)``, in the weight's ``(C_in, kh, kw)`` order,
         from one strided copy of the padded input (no ``F.unfold``, no transposed copy). Drawn ones:
-        gathered as rows ``(drawn, kh * kw * C_in)`` from a channels-last copy of the padded input
-        and returned transposed, with the order of their ``(kh, kw, C_in)`` entries.
+        gathered straight from the unpadded input by index, ``(drawn, C_in, kh, kw)`` (the weight's
+        order), entries in the padding zeroed by a mask, and returned transposed: nothing of the
+        size of the input is copied.
         """
         assert isinstance(module, nn.Conv2d)
         x = x.to(dtype)
@@ -422,13 +458,7 @@ class Conv2dMath(_WeightBiasMath):
             windows = padded.unfold(2, spans[0], sh).unfold(3, spans[1], sw)[..., ::dh, ::dw]
             # (B, C, Ho, Wo, kh, kw) -> (C, kh, kw, B, Ho, Wo): the one copy
             return windows.permute(1, 4, 5, 0, 2, 3).reshape(side, rows), rows, None
-        padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, *pads)).reshape(-1, channels)  # (B * Hp * Wp, C)
-        sample_index, position = keep // (ho * wo), keep % (ho * wo)
-        corner = (sample_index * hp + position // wo * sh) * wp + position % wo * sw
-        arange = partial(torch.arange, device=x.device)
-        steps = arange(kh)[:, None] * (dh * wp) + arange(kw) * dw  # (kh, kw) offsets within a window
-        picked = padded.index_select(0, (corner[:, None, None] + steps).reshape(-1)).view(-1, side)
-        order = arange(side).view(kh, kw, channels).permute(2, 0, 1).reshape(-1)
+        picked, order = _conv_patches(x, keep, (ho, wo), (kh, kw), (sh, sw), (dh, dw), pads)
         return picked.t(), rows, order
 
     def g_rows(self, module: nn.Module, grad_output: Tensor) -> Tensor:
