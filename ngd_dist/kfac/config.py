@@ -348,14 +348,16 @@ class KFACConfig:
     (embeddings' token counts and normalisation layers are always exact); with gradient accumulation
     each pass draws its own rows. The Gram products cost in proportion to the rows. Measured on
     ``small_cnn(3, width=32, side=32)``, whose convolutions have 65,536 and 16,384 rows at batch 64:
-    ``benchmarks/step_cost.py --rows 1024`` (one CPU thread, batch 64): a capture step's statistics
-    21.8 ms at 4096 rows, 13.3 ms at 1024 (43 ms with every row), the mean step 1.18x -> 1.13x SGD's
-    at factors every 10 steps; ``benchmarks/knob_sweep.py --variants "statistics_rows 4096"``
-    (batch 128, 200 steps, 3 seeds): SGD's final loss reached at steps 99 / 103 / 129 with 1024
-    rows and with 4096, final losses 0.394 and 0.392; ``step_cost.py --effect`` (one seed): final loss 0.126 at 1024 rows, 0.140 at 4096, 0.136
-    with every row. 1024 became the default on those figures (it was 4096). Models whose per-rank
-    rows per layer are few (an MLP at batch <= 1024, a language model's tokens up to 1024 per rank)
-    are unaffected: a layer with no more rows than this uses them all, exactly."""
+    ``benchmarks/step_cost.py --rows 4096 --models cnn`` (one CPU thread, batch 64): a capture
+    step's statistics 13.1 ms at 1024 rows against 22.7 ms at 4096; in
+    ``benchmarks/target_bench.py`` (2 ranks) the statistics phase fell from 2.23 to 1.45 ms per step
+    (two runs, 2026-11-30 and -12-01); ``benchmarks/knob_sweep.py --variants "statistics_rows
+    4096"`` (batch 128, 200 steps, 3 seeds): SGD's final loss reached at steps 99 / 103 / 129 with
+    1024 rows and with 4096, final losses 0.394 and 0.392; ``step_cost.py --effect`` (one seed):
+    final loss 0.126 at 1024 rows, 0.140 at 4096, 0.136 with every row. 1024 became the default on
+    those figures (it was 4096). Models whose per-rank rows per layer are few (an MLP at batch <=
+    1024, a language model's tokens up to 1024 per rank) are unaffected: a layer with no more rows
+    than this uses them all, exactly."""
 
     def __post_init__(self) -> None:
         """Check every field; normalise dtypes and tuples."""
