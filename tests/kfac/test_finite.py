@@ -38,5 +38,8 @@ def test_float64_near_its_limit_and_mixed_inputs() -> None:
     assert all_finite([torch.arange(5), torch.ones(3)])
     assert not all_finite([torch.arange(5), torch.tensor([1.0, float("nan")])])
     assert all_finite([])
+    assert all_finite([torch.empty(0), torch.tensor(2.0), torch.empty(0, 3, dtype=torch.bfloat16)])
+    assert not all_finite([torch.empty(0), torch.tensor(float("nan"))])
+    assert not bool(finite_flag([torch.tensor(float("-inf"), dtype=torch.float16), torch.ones(2)]))
     assert all_finite([torch.ones(3, dtype=torch.complex64)])
     assert not all_finite([torch.tensor([complex(1, float("inf"))])])
