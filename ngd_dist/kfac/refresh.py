@@ -4,11 +4,11 @@ Statistics are gathered and folded every ``factor_every`` steps in both schedule
 schedule decomposes every factor every ``inverse_every`` steps (and, with warm-up, at
 ``factor_every x 1, 2, 4, ...`` before it). The adaptive one (SP-NGD inspired) gives each factor its
 own decomposition interval, starting at ``factor_every`` with warm-up (``inverse_every`` without,
-see ``KFACConfig.refresh_warmup``): when a
-factor is due, its owner measures how far the running factor has moved since the decomposition in
-use was computed, ``r = ||X_now - X_then||_F / ||X_then||_F``. Below ``low`` the decomposition was
-still good and the interval doubles (up to ``cap``); above ``high`` it had gone stale and the
-interval halves (down to ``floor``); in between it stays. The policy is deterministic: fed the same
+see ``KFACConfig.refresh_warmup``): when a factor is due, its owner measures how far the running
+factor has moved since the decomposition in use was computed, ``r = ||X_now - X_then||_F /
+||X_then||_F``. Below ``low`` the decomposition was still good and the interval doubles (up to
+``cap``); above ``high`` it had gone stale and the interval halves (down to ``floor``); in between
+it stays. The policy is deterministic: fed the same
 changes, every rank makes the same decisions.
 """
 

@@ -437,9 +437,9 @@ class Conv2dMath(_WeightBiasMath):
 
         All of them: ``(C_in * kh * kw, B * positions)``, in the weight's ``(C_in, kh, kw)`` order,
         from one strided copy of the padded input (no ``F.unfold``, no transposed copy). Drawn ones:
-        gathered straight from the unpadded input by index, ``(drawn, C_in, kh, kw)`` (the weight's
-        order), entries in the padding zeroed by a mask, and returned transposed: nothing of the
-        size of the input is copied.
+        gathered as rows ``(drawn, kh * kw * C_in)`` from a channels-last view of the unpadded input
+        (:func:`_conv_patches`: padding entries masked to zero) and returned transposed, with the
+        order of their ``(kh, kw, C_in)`` entries.
         """
         assert isinstance(module, nn.Conv2d)
         x = x.to(dtype)
