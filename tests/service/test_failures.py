@@ -9,6 +9,7 @@ one rank only are in ``tests/fixtures/failing_data.py``.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import resource
@@ -474,20 +475,48 @@ def test_open_mpi_failure_boxes_are_kept_aside_and_everything_else_passes_as_it_
     assert filt.feed(b"-" * 50 + b"\nnot a report\n" + RULE) == b"-" * 53 + b"\nnot a report\n" + RULE
 
 
-def test_a_repeated_signal_within_the_window_is_the_same_preemption_request() -> None:
+def test_a_repeated_sigterm_is_the_same_preemption_request_however_late_its_handler_runs(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """CI, stop 17: a worker blocked in a collective ran the handler for a copy of SIGTERM (Slurm's,
+    the launcher's) after the window, died of it, and the job exited 1 instead of 75."""
     from ngd_dist.service.checkpoint import PreemptionHandler
 
     calls: list[int] = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
     try:
-        with PreemptionHandler(repeat_window=0.5) as preempt:
+        with caplog.at_level(logging.INFO), PreemptionHandler(repeat_window=0.2) as preempt:
             os.kill(os.getpid(), signal.SIGTERM)
             wait_until(lambda: preempt.requested, 2, "the first SIGTERM")
             os.kill(os.getpid(), signal.SIGTERM)  # the launcher passing on what the scheduler sent
+            time.sleep(0.4)
+            os.kill(os.getpid(), signal.SIGTERM)  # a copy whose handler ran late
+            time.sleep(0.1)
+            assert preempt.requested
+            assert preempt.signal_name == "SIGTERM"
+        assert calls == []
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    lines = [r.getMessage() for r in caplog.records if r.name.endswith("preemption")]
+    assert lines == ["preemption: SIGTERM received; the worker will checkpoint and stop"] + [
+        "preemption: SIGTERM again: the same request"
+    ] * 2, lines
+
+
+def test_a_second_ctrl_c_stops_at_once_only_after_the_window() -> None:
+    from ngd_dist.service.checkpoint import PreemptionHandler
+
+    calls: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))
+    try:
+        with PreemptionHandler(repeat_window=0.5) as preempt:
+            os.kill(os.getpid(), signal.SIGINT)
+            wait_until(lambda: preempt.requested, 2, "the first SIGINT")
+            os.kill(os.getpid(), signal.SIGINT)  # the launcher passing on the same Ctrl-C
             time.sleep(0.1)
             assert calls == []
             time.sleep(0.5)
-            os.kill(os.getpid(), signal.SIGTERM)  # later: a real second request
-            wait_until(lambda: calls == [signal.SIGTERM], 2, "the second SIGTERM to reach the old handler")
+            os.kill(os.getpid(), signal.SIGINT)  # later: a second Ctrl-C
+            wait_until(lambda: calls == [signal.SIGINT], 2, "the second SIGINT to reach the old handler")
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous)

@@ -7,6 +7,7 @@ step, so every rank saves at the same step and exits cleanly.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from collections.abc import Iterable
@@ -21,12 +22,19 @@ class PreemptionHandler:
 
     Inside the ``with`` block the first such signal sets :attr:`requested` and records
     :attr:`signal_name` (e.g. ``"SIGTERM"``); the loop should then save a checkpoint and exit
-    cleanly. A second signal while a request is pending is handed to the handler that was installed
-    before (so a second Ctrl-C raises KeyboardInterrupt, a second SIGTERM terminates by default),
-    unless it comes within ``repeat_window`` seconds of the first: Slurm, systemd and ``kill`` of a
-    process group signal every process at once, and the launcher then passes the same signal on
-    to its workers again; that copy is the same request, not an order to stop at once.
-    The previous handlers are restored on exit. Must be entered from the main thread.
+    cleanly. Repeats are the same request, with one exception: a signal in ``escalating`` (by
+    default SIGINT: a second Ctrl-C) that comes more than ``repeat_window`` seconds after the first
+    signal is handed to the handler installed before (KeyboardInterrupt), to stop at once.
+
+    A repeated SIGTERM never stops the worker early: Slurm, systemd and ``kill`` of a process group
+    signal every process, the launcher passes the same signal on again, and a worker blocked in a
+    collective (another rank saving its checkpoint) runs the Python handler for a copy delivered
+    at once only seconds later, so a time window cannot tell those copies from a new order. Every
+    scheduler follows its SIGTERM with SIGKILL after a grace period; that is the way to stop at once.
+
+    The handler itself only sets flags (I/O in a signal handler can re-enter a half-written stream);
+    what it saw is logged the next time the loop reads :attr:`requested`. The previous handlers are
+    restored on exit. Must be entered from the main thread.
 
     Example::
 
@@ -44,17 +52,27 @@ class PreemptionHandler:
         signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT),
         *,
         repeat_window: float = 2.0,
+        escalating: Iterable[signal.Signals] = (signal.SIGINT,),
     ) -> None:
         self.signals = tuple(signal.Signals(s) for s in signals)
         self.repeat_window = repeat_window
-        self.requested = False
+        self.escalating = frozenset(signal.Signals(s) for s in escalating)
+        self._requested = False
         self.signal_name: str | None = None
         self._since = 0.0
+        self._seen: list[tuple[str, bool]] = []  # (signal name, first of the request), not yet logged
         self._previous: dict[signal.Signals, Any] = {}
 
+    @property
+    def requested(self) -> bool:
+        """Whether a preemption signal has come; logs what the handler recorded since the last read."""
+        self._flush()
+        return self._requested
+
     def __enter__(self) -> PreemptionHandler:
-        self.requested = False
+        self._requested = False
         self.signal_name = None
+        self._seen.clear()
         try:
             for sig in self.signals:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -65,23 +83,33 @@ class PreemptionHandler:
 
     def __exit__(self, *exc: object) -> None:
         self._restore()
+        self._flush()
 
     def _restore(self) -> None:
         while self._previous:
             sig, previous = self._previous.popitem()
             signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
 
+    def _flush(self) -> None:
+        while self._seen:
+            name, first = self._seen.pop(0)
+            if first:
+                log.warning("preemption: %s received; the worker will checkpoint and stop", name)
+            else:
+                log.info("preemption: %s again: the same request", name)
+
     def _handle(self, signum: int, frame: FrameType | None) -> None:
-        name = signal.Signals(signum).name
-        if self.requested and time.monotonic() - self._since < self.repeat_window:
-            log.info("preemption: %s again within %.0f s: the same request", name, self.repeat_window)
+        sig = signal.Signals(signum)
+        if not self._requested:
+            self._requested = True
+            self.signal_name = sig.name
+            self._since = time.monotonic()
+            self._seen.append((sig.name, True))
             return
-        if self.requested:
-            log.warning("preemption: second %s while a checkpoint is pending; passing it on", name)
+        if sig in self.escalating and time.monotonic() - self._since >= self.repeat_window:
+            # Written straight to the file descriptor: the logging stream may be mid-write.
+            os.write(2, f"preemption: second {sig.name}; stopping at once without a checkpoint\n".encode())
             self._restore()
             signal.raise_signal(signum)
             return
-        self.requested = True
-        self.signal_name = name
-        self._since = time.monotonic()
-        log.warning("preemption: %s received; the worker will checkpoint and stop", name)
+        self._seen.append((sig.name, False))
