@@ -163,6 +163,18 @@ def variants(steps: int) -> list[Variant]:
         Variant("damping 0.01", {"damping": 0.01}, extra=True),
         Variant("statistics_rows 2048", {"statistics_rows": 2048}, extra=True),
         Variant("statistics_rows 4096", {"statistics_rows": 4096}, extra=True),
+        Variant("adaptive refresh", {"refresh": "adaptive"}, extra=True),
+        Variant("adaptive, refresh_low 0.1", {"refresh": "adaptive", "refresh_low": 0.1}, extra=True),
+        Variant(
+            "adaptive, refresh_low 0.1, refresh_high 0.5",
+            {"refresh": "adaptive", "refresh_low": 0.1, "refresh_high": 0.5},
+            extra=True,
+        ),
+        Variant(
+            "adaptive, refresh_low 0.2, refresh_high 0.5",
+            {"refresh": "adaptive", "refresh_low": 0.2, "refresh_high": 0.5},
+            extra=True,
+        ),
     ]
 
 
