@@ -475,17 +475,22 @@ def test_open_mpi_failure_boxes_are_kept_aside_and_everything_else_passes_as_it_
     assert filt.feed(b"-" * 50 + b"\nnot a report\n" + RULE) == b"-" * 53 + b"\nnot a report\n" + RULE
 
 
-def test_a_repeated_sigterm_is_the_same_preemption_request_however_late_its_handler_runs(
-    caplog: pytest.LogCaptureFixture,
-) -> None:
+def test_a_repeated_sigterm_is_the_same_preemption_request_however_late_its_handler_runs() -> None:
     """CI, stop 17: a worker blocked in a collective ran the handler for a copy of SIGTERM (Slurm's,
     the launcher's) after the window, died of it, and the job exited 1 instead of 75."""
     from ngd_dist.service.checkpoint import PreemptionHandler
 
     calls: list[int] = []
+    lines: list[str] = []
+    logger = logging.getLogger("ngd_dist.service.checkpoint.preemption")  # its own handler: another
+    handler = logging.Handler(logging.INFO)  # test's configure_logging may stop ngd_dist propagating
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: calls.append(signum))
     try:
-        with caplog.at_level(logging.INFO), PreemptionHandler(repeat_window=0.2) as preempt:
+        with PreemptionHandler(repeat_window=0.2) as preempt:
             os.kill(os.getpid(), signal.SIGTERM)
             wait_until(lambda: preempt.requested, 2, "the first SIGTERM")
             os.kill(os.getpid(), signal.SIGTERM)  # the launcher passing on what the scheduler sent
@@ -497,7 +502,8 @@ def test_a_repeated_sigterm_is_the_same_preemption_request_however_late_its_hand
         assert calls == []
     finally:
         signal.signal(signal.SIGTERM, previous)
-    lines = [r.getMessage() for r in caplog.records if r.name.endswith("preemption")]
+        logger.removeHandler(handler)
+        logger.setLevel(level)
     assert lines == ["preemption: SIGTERM received; the worker will checkpoint and stop"] + [
         "preemption: SIGTERM again: the same request"
     ] * 2, lines
