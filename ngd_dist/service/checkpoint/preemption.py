@@ -32,9 +32,9 @@ class PreemptionHandler:
     at once only seconds later, so a time window cannot tell those copies from a new order. Every
     scheduler follows its SIGTERM with SIGKILL after a grace period; that is the way to stop at once.
     SIGINT keeps its window, and with it the same blind spot: where a worker gets one Ctrl-C twice
-    (DeepSpeed's and mpirun's workers share their launcher's process group, which ``ngd-dist
-    launch`` signals, and the launcher passes it on too) a late-run copy can read as a second Ctrl-C
-    and stop that worker without its checkpoint; the last periodic one stays.
+    (DeepSpeed's workers share their launcher's process group, which ``ngd-dist launch`` signals,
+    and DeepSpeed passes the signal on as well) a late-run copy can read as a second Ctrl-C and stop
+    that worker without its checkpoint; the last periodic one stays.
 
     The handler itself only sets flags (I/O in a signal handler can re-enter a half-written stream);
     what it saw is logged the next time the loop reads :attr:`requested`. The previous handlers are
