@@ -47,9 +47,9 @@ from ngd_dist.service.build import build
 from ngd_dist.service.checkpoint import (
     CheckpointError,
     CheckpointStore,
-    PreemptionHandler,
     capture_rng_state,
     restore_rng_state,
+    worker_preemption,
 )
 from ngd_dist.service.data.loading import (
     IGNORE_INDEX,
@@ -507,7 +507,8 @@ class Worker:
         saved_at = resumed
         evaluation: Evaluation | None = None
         evaluated_at: int | None = None
-        with metrics, PreemptionHandler() as preempt, contextlib.closing(bar), contextlib.closing(record):
+        preemption = worker_preemption(signals_arrive_twice=self.parts.engine is not None)
+        with metrics, preemption as preempt, contextlib.closing(bar), contextlib.closing(record):
             while self.step < job.train.steps:
                 try:
                     batch = next(batches)

@@ -509,6 +509,34 @@ def test_a_repeated_sigterm_is_the_same_preemption_request_however_late_its_hand
     ] * 2, lines
 
 
+def test_under_deepspeed_no_repeat_stops_a_worker_at_once() -> None:
+    """DeepSpeed's workers get each Ctrl-C twice (their launcher's process group, and DeepSpeed
+    passing it on): a copy handled late must not read as a second Ctrl-C there."""
+    from ngd_dist.service.checkpoint import worker_preemption
+
+    calls: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: calls.append(signum))
+    try:
+        with worker_preemption(signals_arrive_twice=True) as preempt:
+            preempt.repeat_window = 0.2
+            os.kill(os.getpid(), signal.SIGINT)
+            wait_until(lambda: preempt.requested, 2, "the first SIGINT")
+            time.sleep(0.4)
+            os.kill(os.getpid(), signal.SIGINT)  # a copy whose handler ran late
+            time.sleep(0.1)
+            assert preempt.requested
+        assert calls == []
+        with worker_preemption(signals_arrive_twice=False) as preempt:  # torchrun, mpirun, one process
+            preempt.repeat_window = 0.2
+            os.kill(os.getpid(), signal.SIGINT)
+            wait_until(lambda: preempt.requested, 2, "the first SIGINT")
+            time.sleep(0.4)
+            os.kill(os.getpid(), signal.SIGINT)  # a second Ctrl-C
+            wait_until(lambda: calls == [signal.SIGINT], 2, "the second SIGINT to reach the old handler")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_a_second_ctrl_c_stops_at_once_only_after_the_window() -> None:
     from ngd_dist.service.checkpoint import PreemptionHandler
 

@@ -1,6 +1,6 @@
 """Crash-safe checkpoints: the verified on-disk store, RNG state capture, and preemption signals."""
 
-from ngd_dist.service.checkpoint.preemption import PreemptionHandler
+from ngd_dist.service.checkpoint.preemption import PreemptionHandler, worker_preemption
 from ngd_dist.service.checkpoint.rng import capture_rng_state, restore_rng_state
 from ngd_dist.service.checkpoint.store import (
     CheckpointError,
@@ -17,4 +17,5 @@ __all__ = [
     "agree_on_step",
     "capture_rng_state",
     "restore_rng_state",
+    "worker_preemption",
 ]

@@ -31,10 +31,10 @@ class PreemptionHandler:
     collective (another rank saving its checkpoint) runs the Python handler for a copy delivered
     at once only seconds later, so a time window cannot tell those copies from a new order. Every
     scheduler follows its SIGTERM with SIGKILL after a grace period; that is the way to stop at once.
-    SIGINT keeps its window, and with it the same blind spot: where a worker gets one Ctrl-C twice
-    (DeepSpeed's workers share their launcher's process group, which ``ngd-dist launch`` signals,
-    and DeepSpeed passes the signal on as well) a late-run copy can read as a second Ctrl-C and stop
-    that worker without its checkpoint; the last periodic one stays.
+    SIGINT keeps its window, and with it the same blind spot where a worker gets one Ctrl-C twice:
+    DeepSpeed's workers share their launcher's process group, which ``ngd-dist launch`` signals, and
+    DeepSpeed passes the signal on as well, so there a late-run copy would read as a second Ctrl-C.
+    :func:`worker_preemption` therefore lets no repeat stop a DeepSpeed worker at once.
 
     The handler itself only sets flags (I/O in a signal handler can re-enter a half-written stream);
     what it saw is logged the next time the loop reads :attr:`requested`. The previous handlers are
@@ -117,3 +117,11 @@ class PreemptionHandler:
             signal.raise_signal(signum)
             return
         self._seen.append((sig.name, False))
+
+
+def worker_preemption(*, signals_arrive_twice: bool) -> PreemptionHandler:
+    """The handler a training worker polls: a second Ctrl-C stops it at once, except where each
+    signal reaches it twice (``signals_arrive_twice``: under DeepSpeed's launcher), where every
+    repeat is the same request and only SIGKILL stops it before its checkpoint.
+    """
+    return PreemptionHandler(escalating=() if signals_arrive_twice else (signal.SIGINT,))
