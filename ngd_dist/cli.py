@@ -244,18 +244,27 @@ def _one_line(exc: BaseException | str) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    """``ngd-dist train``: run one worker; 0 when done, 75 when preempted, else :func:`_worker_failed`."""
-    try:
-        job = _load(args)
-        from ngd_dist.kfac.distributed.mpi import launched_by_mpi
+    """``ngd-dist train``: run one worker; 0 when done, 75 when preempted, else :func:`_worker_failed`.
 
-        launcher = "deepspeed" if args.deepspeed else "mpirun" if launched_by_mpi() else None
-        _preflight(job, args, launcher=launcher, real_fallback=False)  # the trainer builds the model next
-        from ngd_dist.service.trainer import run_job
+    SIGTERM / SIGINT are caught from here on, not only once the training loop runs: a scheduler's
+    signal during the set-up (another rank may be training already) is a preemption request that
+    the loop's first step honours, never the default action that kills this rank alone.
+    """
+    from ngd_dist.service.checkpoint import worker_preemption
 
-        result = run_job(job, job_dir=Path(args.config).resolve().parent, deepspeed=args.deepspeed)
-    except (Exception, KeyboardInterrupt) as exc:
-        return _worker_failed(exc)
+    with worker_preemption(signals_arrive_twice=bool(args.deepspeed)) as preemption:
+        try:
+            job = _load(args)
+            from ngd_dist.kfac.distributed.mpi import launched_by_mpi
+
+            launcher = "deepspeed" if args.deepspeed else "mpirun" if launched_by_mpi() else None
+            _preflight(job, args, launcher=launcher, real_fallback=False)  # the trainer builds the model next
+            from ngd_dist.service.trainer import run_job
+
+            job_dir = Path(args.config).resolve().parent
+            result = run_job(job, job_dir=job_dir, deepspeed=args.deepspeed, preemption=preemption)
+        except (Exception, KeyboardInterrupt) as exc:
+            return _worker_failed(exc)
     if result.preempted:
         from ngd_dist.service.failure import record_failure, worker_place
 

@@ -47,6 +47,7 @@ from ngd_dist.service.build import build
 from ngd_dist.service.checkpoint import (
     CheckpointError,
     CheckpointStore,
+    PreemptionHandler,
     capture_rng_state,
     restore_rng_state,
     worker_preemption,
@@ -477,11 +478,13 @@ class Worker:
             labels = labels[:, 1:]
         return int((labels != IGNORE_INDEX).sum())
 
-    def run(self) -> TrainResult:
+    def run(self, preemption: PreemptionHandler | None = None) -> TrainResult:
         """Train to ``train.steps`` applied steps (or until preempted); checkpoint as configured.
 
         Saves every ``checkpoint.every`` steps, at the last step, and when asked to stop. Raises
         :class:`TrainingDiverged` after ``train.max_bad_steps`` skipped steps in a row.
+        ``preemption``: a handler the caller entered before the set-up (a signal then already counts);
+        None: one entered for the loop alone.
         """
         job, report = self.job, self.report
         resumed = self.resume()
@@ -507,8 +510,12 @@ class Worker:
         saved_at = resumed
         evaluation: Evaluation | None = None
         evaluated_at: int | None = None
-        preemption = worker_preemption(signals_arrive_twice=self.parts.engine is not None)
-        with metrics, preemption as preempt, contextlib.closing(bar), contextlib.closing(record):
+        handler: contextlib.AbstractContextManager[PreemptionHandler] = (
+            worker_preemption(signals_arrive_twice=self.parts.engine is not None)
+            if preemption is None
+            else contextlib.nullcontext(preemption)
+        )
+        with metrics, handler as preempt, contextlib.closing(bar), contextlib.closing(record):
             while self.step < job.train.steps:
                 try:
                     batch = next(batches)
@@ -629,10 +636,17 @@ class Worker:
         }
 
 
-def run_job(job: Job, *, job_dir: Path | None = None, deepspeed: bool = False) -> TrainResult:
+def run_job(
+    job: Job,
+    *,
+    job_dir: Path | None = None,
+    deepspeed: bool = False,
+    preemption: PreemptionHandler | None = None,
+) -> TrainResult:
     """Set up the distributed environment, train ``job``, print the summary on rank 0.
 
     ``deepspeed``: train through DeepSpeed's engine (the workers were started by its launcher).
+    ``preemption``: the caller's entered handler (see :meth:`Worker.run`).
     When training ends, every rank leaves the process group together (:func:`teardown`); when it
     raises, the process group is left as it is and the caller should exit the process at once.
     """
@@ -645,7 +659,7 @@ def run_job(job: Job, *, job_dir: Path | None = None, deepspeed: bool = False) -
             worker = Worker(job, env, job_dir=job_dir, deepspeed=deepspeed)
         except ValueError as exc:  # the job names something that cannot be built: one line, exit 2
             raise JobError(str(exc)) from exc
-        result = worker.run()
+        result = worker.run(preemption)
         if env.rank == 0:
             print(summary_line(result, total=job.train.steps, ranks=env.world_size), flush=True)
             if worker.parts.precond is not None:

@@ -15,6 +15,7 @@ import re
 import resource
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -473,6 +474,46 @@ def test_open_mpi_failure_boxes_are_kept_aside_and_everything_else_passes_as_it_
     assert filt.feed(b" 50%|#####  | 1/2\r") == b" 50%|#####  | 1/2\r"  # a progress bar is not held back
     assert filt.feed(b"---") == b""  # a line of dashes is, until its box is known
     assert filt.feed(b"-" * 50 + b"\nnot a report\n" + RULE) == b"-" * 53 + b"\nnot a report\n" + RULE
+
+
+_SLOW_BUILD = """
+import sys, time
+import ngd_dist.service.trainer as trainer
+real = trainer.build
+def slow(*args, **kwargs):  # the real build, after a pause in which the test signals
+    print("building the model", file=sys.stderr, flush=True)
+    time.sleep(3)
+    return real(*args, **kwargs)
+trainer.build = slow
+from ngd_dist.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_a_signal_during_the_set_up_is_a_preemption_not_a_death(tmp_path: Path) -> None:
+    """CI, session 8: ``docker stop``'s SIGTERM reached one rank still building its model while the
+    other trained; it died of the default action and the job exited 1 instead of 75."""
+    directory = tmp_path / "ckpt"
+    argv = [sys.executable, "-c", _SLOW_BUILD, "train", QUICK,
+            *sets("metrics.port=0", "train.steps=50", f"checkpoint.dir={directory}", "checkpoint.resume=never")]  # fmt: skip
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+    try:
+        assert proc.stderr is not None
+        seen: list[str] = []
+        reader = threading.Thread(target=lambda: seen.extend(iter(proc.stderr.readline, "")), daemon=True)
+        reader.start()
+        wait_until(lambda: any("building the model" in line for line in seen), 60, "the set-up", proc=proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == ExitCode.PREEMPTED, "".join(seen)[-4000:]
+        reader.join(timeout=10)
+    finally:
+        if proc.poll() is None:
+            kill_tree(proc.pid)
+            proc.wait(timeout=30)
+    err = "".join(seen)
+    assert "Traceback" not in err, err[-4000:]
+    assert "preemption: SIGTERM received" in err, err[-4000:]
+    assert [p.name for p in directory.glob("step-*.rank0-of1.pt")] == ["step-00000001.rank0-of1.pt"], err[-4000:]
 
 
 def test_a_repeated_sigterm_is_the_same_preemption_request_however_late_its_handler_runs() -> None:
