@@ -27,6 +27,7 @@ within seconds (at most the launcher's shutdown timeout, 30 s), never after the 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -248,11 +249,22 @@ def _train(args: argparse.Namespace) -> int:
 
     SIGTERM / SIGINT are caught from here on, not only once the training loop runs: a scheduler's
     signal during the set-up (another rank may be training already) is a preemption request that
-    the loop's first step honours, never the default action that kills this rank alone.
+    the loop's first step honours, never the default action that kills this rank alone; a set-up
+    that has not reached the loop ``SETUP_GRACE_S`` after the handler ran ends the process with 75.
+    A set-up blocked inside a C call sees the signal only when that call returns (a collective with
+    a rank that is gone fails and returns). Under DeepSpeed the loop installs the handler (below).
     """
-    from ngd_dist.service.checkpoint import worker_preemption
+    from ngd_dist.service.checkpoint.preemption import SETUP_GRACE_S, PreemptionHandler, worker_preemption
 
-    with worker_preemption(signals_arrive_twice=bool(args.deepspeed)) as preemption:
+    # Not under DeepSpeed: its shared-memory all-reduce waits for the other ranks in C with the GIL
+    # held, so no Python handler could ever run in a set-up blocked on a rank that is gone, and only
+    # the default action of its launcher's SIGTERM ends it. There the loop installs the handler.
+    handler: contextlib.AbstractContextManager[PreemptionHandler | None] = (
+        contextlib.nullcontext(None)
+        if args.deepspeed
+        else worker_preemption(signals_arrive_twice=False, setup_grace_s=SETUP_GRACE_S)
+    )
+    with handler as preemption:
         try:
             job = _load(args)
             from ngd_dist.kfac.distributed.mpi import launched_by_mpi

@@ -516,6 +516,7 @@ class Worker:
             else contextlib.nullcontext(preemption)
         )
         with metrics, handler as preempt, contextlib.closing(bar), contextlib.closing(record):
+            preempt.loop_started()
             while self.step < job.train.steps:
                 try:
                     batch = next(batches)

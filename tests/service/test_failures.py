@@ -477,12 +477,14 @@ def test_open_mpi_failure_boxes_are_kept_aside_and_everything_else_passes_as_it_
 
 
 _SLOW_BUILD = """
-import sys, time
+import os, sys, time
+import ngd_dist.service.checkpoint.preemption as preemption
 import ngd_dist.service.trainer as trainer
+preemption.SETUP_GRACE_S = float(os.environ["TEST_GRACE_S"])
 real = trainer.build
 def slow(*args, **kwargs):  # the real build, after a pause in which the test signals
     print("building the model", file=sys.stderr, flush=True)
-    time.sleep(3)
+    time.sleep(float(os.environ["TEST_PAUSE_S"]))
     return real(*args, **kwargs)
 trainer.build = slow
 from ngd_dist.cli import main
@@ -490,30 +492,52 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_a_signal_during_the_set_up_is_a_preemption_not_a_death(tmp_path: Path) -> None:
-    """CI, session 8: ``docker stop``'s SIGTERM reached one rank still building its model while the
-    other trained; it died of the default action and the job exited 1 instead of 75."""
-    directory = tmp_path / "ckpt"
+def _signal_during_set_up(tmp_path: Path, pause_s: float, grace_s: float) -> tuple[int, str, float]:
+    """``ngd-dist train`` (one process) whose model build pauses ``pause_s``, SIGTERM during the pause
+    with a set-up grace of ``grace_s``: exit code, stderr, seconds from the signal to the exit."""
     argv = [sys.executable, "-c", _SLOW_BUILD, "train", QUICK,
-            *sets("metrics.port=0", "train.steps=50", f"checkpoint.dir={directory}", "checkpoint.resume=never")]  # fmt: skip
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=cli_env())
+            *sets("metrics.port=0", "train.steps=50", f"checkpoint.dir={tmp_path / 'ckpt'}",
+                  "checkpoint.resume=never")]  # fmt: skip
+    env = cli_env(TEST_PAUSE_S=str(pause_s), TEST_GRACE_S=str(grace_s))
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    seen: list[str] = []
     try:
         assert proc.stderr is not None
-        seen: list[str] = []
-        reader = threading.Thread(target=lambda: seen.extend(iter(proc.stderr.readline, "")), daemon=True)
+        stream = proc.stderr
+        reader = threading.Thread(target=lambda: seen.extend(iter(stream.readline, "")), daemon=True)
         reader.start()
         wait_until(lambda: any("building the model" in line for line in seen), 60, "the set-up", proc=proc)
+        signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=120) == ExitCode.PREEMPTED, "".join(seen)[-4000:]
+        code = proc.wait(timeout=120)
+        took = time.monotonic() - signalled
         reader.join(timeout=10)
     finally:
         if proc.poll() is None:
             kill_tree(proc.pid)
             proc.wait(timeout=30)
-    err = "".join(seen)
+    return code, "".join(seen), took
+
+
+def test_a_signal_during_the_set_up_is_a_preemption_not_a_death(tmp_path: Path) -> None:
+    """CI, session 8: ``docker stop``'s SIGTERM reached one rank still building its model while the
+    other trained; it died of the default action and the job exited 1 instead of 75."""
+    code, err, _ = _signal_during_set_up(tmp_path, pause_s=3, grace_s=60)
+    assert code == ExitCode.PREEMPTED, err[-4000:]
     assert "Traceback" not in err, err[-4000:]
     assert "preemption: SIGTERM received" in err, err[-4000:]
-    assert [p.name for p in directory.glob("step-*.rank0-of1.pt")] == ["step-00000001.rank0-of1.pt"], err[-4000:]
+    saved = [p.name for p in (tmp_path / "ckpt").glob("step-*.rank0-of1.pt")]
+    assert saved == ["step-00000001.rank0-of1.pt"], err[-4000:]
+
+
+def test_a_set_up_that_cannot_reach_the_loop_after_a_signal_exits_75_within_the_grace(tmp_path: Path) -> None:
+    """A launcher's SIGTERM to the surviving ranks after one failed must still end a rank whose
+    set-up keeps going (torchrun's agent waits 30 s, then SIGKILLs; the job then has no record)."""
+    code, err, took = _signal_during_set_up(tmp_path, pause_s=600, grace_s=1)
+    assert code == ExitCode.PREEMPTED, err[-4000:]
+    assert took < 30, took
+    assert "did not reach the training loop within 1 s" in err, err[-4000:]
+    assert not list((tmp_path / "ckpt").glob("step-*")), err[-4000:]
 
 
 def test_a_repeated_sigterm_is_the_same_preemption_request_however_late_its_handler_runs() -> None:

@@ -9,10 +9,13 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import Iterable
 from types import FrameType
 from typing import Any
+
+from ngd_dist.service.exit_codes import ExitCode
 
 log = logging.getLogger(__name__)
 
@@ -57,10 +60,18 @@ class PreemptionHandler:
         *,
         repeat_window: float = 2.0,
         escalating: Iterable[signal.Signals] = (signal.SIGINT,),
+        setup_grace_s: float | None = None,
     ) -> None:
         self.signals = tuple(signal.Signals(s) for s in signals)
         self.repeat_window = repeat_window
         self.escalating = frozenset(signal.Signals(s) for s in escalating)
+        self.setup_grace_s = setup_grace_s
+        """Entered before the set-up: a request that comes before :meth:`loop_started` ends the process
+        (exit 75, no checkpoint) unless the loop starts within this many seconds of the handler
+        running, so a launcher's SIGTERM to the survivors of a failed rank still ends a set-up that
+        keeps going (a slow download, a retry loop). A set-up blocked inside one C call runs the
+        handler only when that call returns."""
+        self._in_loop = False
         self._requested = False
         self.signal_name: str | None = None
         self._since = 0.0
@@ -72,6 +83,20 @@ class PreemptionHandler:
         """Whether a preemption signal has come; logs what the handler recorded since the last read."""
         self._flush()
         return self._requested
+
+    def loop_started(self) -> None:
+        """The training loop polls :attr:`requested` from now on: no set-up deadline any more."""
+        self._in_loop = True
+
+    def _setup_expired(self) -> None:
+        if self._in_loop:
+            return
+        message = (
+            f"preemption: {self.signal_name} during the set-up, which did not reach the training loop "
+            f"within {self.setup_grace_s:g} s; stopping without a checkpoint\n"
+        )
+        os.write(2, message.encode())
+        os._exit(int(ExitCode.PREEMPTED))
 
     def __enter__(self) -> PreemptionHandler:
         self._requested = False
@@ -109,6 +134,10 @@ class PreemptionHandler:
             self.signal_name = sig.name
             self._since = time.monotonic()
             self._seen.append((sig.name, True))
+            if self.setup_grace_s is not None and not self._in_loop:
+                timer = threading.Timer(self.setup_grace_s, self._setup_expired)
+                timer.daemon = True
+                timer.start()
             return
         if sig in self.escalating and time.monotonic() - self._since >= self.repeat_window:
             # Written straight to the file descriptor: the logging stream may be mid-write.
@@ -119,9 +148,16 @@ class PreemptionHandler:
         self._seen.append((sig.name, False))
 
 
-def worker_preemption(*, signals_arrive_twice: bool) -> PreemptionHandler:
+SETUP_GRACE_S = 10.0
+"""How long a worker signalled during its set-up may take to reach the training loop (and checkpoint
+at its first step) before it exits 75 without a checkpoint."""
+
+
+def worker_preemption(*, signals_arrive_twice: bool, setup_grace_s: float | None = None) -> PreemptionHandler:
     """The handler a training worker polls: a second Ctrl-C stops it at once, except where each
     signal reaches it twice (``signals_arrive_twice``: under DeepSpeed's launcher), where every
     repeat is the same request and only SIGKILL stops it before its checkpoint.
     """
-    return PreemptionHandler(escalating=() if signals_arrive_twice else (signal.SIGINT,))
+    return PreemptionHandler(
+        escalating=() if signals_arrive_twice else (signal.SIGINT,), setup_grace_s=setup_grace_s
+    )
