@@ -256,9 +256,10 @@ def _train(args: argparse.Namespace) -> int:
     """
     from ngd_dist.service.checkpoint.preemption import SETUP_GRACE_S, PreemptionHandler, worker_preemption
 
-    # Not under DeepSpeed: its shared-memory all-reduce waits for the other ranks in C with the GIL
-    # held, so no Python handler could ever run in a set-up blocked on a rank that is gone, and only
-    # the default action of its launcher's SIGTERM ends it. There the loop installs the handler.
+    # Not under DeepSpeed: a DeepSpeed worker whose peer had failed during set-up was seen spinning
+    # in C with the GIL held (just after DeepSpeed's shared-memory comm op loaded), where no Python
+    # handler or thread ever runs, and only the default action of its launcher's SIGTERM ends it.
+    # There the loop installs the handler.
     handler: contextlib.AbstractContextManager[PreemptionHandler | None] = (
         contextlib.nullcontext(None)
         if args.deepspeed
