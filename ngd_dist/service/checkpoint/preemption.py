@@ -72,6 +72,7 @@ class PreemptionHandler:
         keeps going (a slow download, a retry loop). A set-up blocked inside one C call runs the
         handler only when that call returns."""
         self._in_loop = False
+        self._deadline: threading.Timer | None = None
         self._requested = False
         self.signal_name: str | None = None
         self._since = 0.0
@@ -113,6 +114,9 @@ class PreemptionHandler:
     def __exit__(self, *exc: object) -> None:
         self._restore()
         self._flush()
+        if self._deadline is not None:  # left before the loop (an error in the set-up): its exit stands
+            self._deadline.cancel()
+            self._deadline = None
 
     def _restore(self) -> None:
         while self._previous:
@@ -135,9 +139,9 @@ class PreemptionHandler:
             self._since = time.monotonic()
             self._seen.append((sig.name, True))
             if self.setup_grace_s is not None and not self._in_loop:
-                timer = threading.Timer(self.setup_grace_s, self._setup_expired)
-                timer.daemon = True
-                timer.start()
+                self._deadline = threading.Timer(self.setup_grace_s, self._setup_expired)
+                self._deadline.daemon = True
+                self._deadline.start()
             return
         if sig in self.escalating and time.monotonic() - self._since >= self.repeat_window:
             # Written straight to the file descriptor: the logging stream may be mid-write.
